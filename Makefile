@@ -2,7 +2,7 @@
 PY     ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# CPU build by default; on a CUDA machine: make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# The CPU build that lies on this machine's disk; on a CUDA machine the same pin from PyPI is a CUDA build.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
