@@ -1,0 +1,1 @@
+"""Synthetic toy world with exact object masks (training data + edit benchmark)."""
