@@ -65,6 +65,7 @@ def unet_key(key: str, layers_per_block: int = 2) -> str:
 
 
 def vae_key(key: str, num_blocks: int = 4) -> str:
+    key = key.replace(".nin_shortcut.", ".conv_shortcut.")
     key = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
     key = re.sub(r"^(encoder|decoder)\.mid\.block_(\d)\.",
                  lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.", key)
@@ -77,7 +78,7 @@ def vae_key(key: str, num_blocks: int = 4) -> str:
         b = num_blocks - 1 - int(m[1])  # CompVis stores the decoder's up blocks lowest-resolution last
         return (f"decoder.up_blocks.{b}.resnets." + m[3] if m[2] == "block"
                 else f"decoder.up_blocks.{b}.upsamplers.0." + m[3])
-    return key.replace("nin_shortcut", "conv_shortcut")
+    return key
 
 
 def clip_key(key: str) -> str:

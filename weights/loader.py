@@ -189,7 +189,7 @@ def load_tokenizer(folder: Path):
 # ---------------------------------------------------------------- the CompVis single file
 
 def load_single_file(path: Path, components, device="cpu", dtype=torch.float32,
-                     tokenizer_source: str | Path | None = None) -> StableDiffusion:
+                     tokenizer_source: str | Path | None = None, configs: dict | None = None) -> StableDiffusion:
     raw = open_checkpoint(path)
     parts = compvis.split_single_file(raw.keys())
     out = StableDiffusion(source=str(path))
@@ -202,10 +202,11 @@ def load_single_file(path: Path, components, device="cpu", dtype=torch.float32,
         overrides = {}
         if comp == "unet":  # the inpainting UNet differs only in its input channels
             overrides["in_channels"] = int(raw[compvis.PREFIXES["unet"] + "input_blocks.0.0.weight"]().shape[1])
-        setattr(out, comp, build(comp, tensors, str(path), None, device, dtype, overrides))
+        config = (configs or {}).get(comp)  # a single file carries no config: SD v1.x unless given
+        setattr(out, comp, build(comp, tensors, str(path), config, device, dtype, overrides))
     if "tokenizer" in components:  # a single file carries no tokenizer: take SD v1.4's
         src = resolve(tokenizer_source or DEFAULT_MODEL, ("tokenizer",), half=False)
-        out.tokenizer = load_tokenizer(src / "tokenizer")
+        out.tokenizer = load_tokenizer(src / "tokenizer" if (src / "tokenizer").is_dir() else src)
     return out
 
 
@@ -221,12 +222,14 @@ def resolve(source: str | Path, components, half: bool) -> Path:
 
 
 def load(source: str | Path = DEFAULT_MODEL, components=ALL, device="cpu", dtype=torch.float32,
-         tokenizer_source: str | Path | None = None) -> StableDiffusion:
+         tokenizer_source: str | Path | None = None, configs: dict | None = None) -> StableDiffusion:
     """Load SD v1.x from a hub repo id, a diffusers-layout folder, or a CompVis single file.
 
     `components` picks any of unet, vae, text_encoder, tokenizer, scheduler (e.g. only ("unet",)
     for the inpainting model). A single file takes its tokenizer from `tokenizer_source`
-    (default: SD v1.4's on the hub).
+    (a model folder or a tokenizer folder; default: SD v1.4's on the hub) and its network configs
+    from `configs` ({"unet": config.json dict, ...}; default: SD v1.x's, the UNet's input channels
+    read off the weights).
     """
     components = tuple(components)
     unknown = set(components) - set(ALL)
@@ -235,7 +238,7 @@ def load(source: str | Path = DEFAULT_MODEL, components=ALL, device="cpu", dtype
     half = dtype in (torch.float16, torch.bfloat16)
     path = resolve(source, components, half)
     if path.is_file():
-        return load_single_file(path, components, device, dtype, tokenizer_source)
+        return load_single_file(path, components, device, dtype, tokenizer_source, configs)
     out = StableDiffusion(source=str(source))
     for comp in ("unet", "vae", "text_encoder"):
         if comp in components:
