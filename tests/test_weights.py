@@ -12,17 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.clip_vocab import real_clip_vocab_folder
-from tests.tiny_sd import reference_models, save_sd_folder
+from tests.tiny_sd import (assert_same_networks, reference_models, reference_keys, save_sd_folder,
+                           sd_structured_references, write_single_file)
 from weights import WeightsError, compvis, load
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ROOT.parent / "shared" / "reference" / "sd-v1-keys"
-
-
-def _keys(name: str) -> set[str]:
-    if not (KEYS / name).is_file():
-        pytest.skip(f"{KEYS / name} not found (../shared is laid beside the project in CI)")
-    return {line.split()[0] for line in (KEYS / name).read_text().splitlines() if line.strip()}
 
 
 @pytest.fixture(scope="module")
@@ -35,34 +29,6 @@ def tiny(tmp_path_factory, vocab):
     refs = reference_models()
     folder = save_sd_folder(tmp_path_factory.mktemp("sd") / "tiny-sd", *refs, vocab)
     return folder, refs
-
-
-def _inputs(unet_ref, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = unet_ref.config
-    x = torch.randn(2, c.in_channels, 8, 8, generator=g)
-    ctx = torch.randn(2, 77, c.cross_attention_dim, generator=g)
-    return x, torch.tensor([10, 700]), ctx
-
-
-def assert_same_networks(ours, refs, atol=1e-5):
-    unet_ref, vae_ref, clip_ref = refs
-    with torch.no_grad():
-        if ours.unet is not None:
-            x, t, ctx = _inputs(unet_ref)
-            assert (ours.unet(x, t, ctx) - unet_ref(x, t, ctx).sample).abs().max() <= atol
-        if ours.vae is not None:
-            img = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-            post, ref_post = ours.vae.encode(img), vae_ref.encode(img).latent_dist
-            assert (post.mean - ref_post.mean).abs().max() <= atol
-            assert (post.logvar - ref_post.logvar).abs().max() <= atol
-            z = post.mean
-            assert (ours.vae.decode(z) - vae_ref.decode(z).sample).abs().max() <= atol
-        if ours.text_encoder is not None:
-            ids = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(2))
-            ids[:, 0], ids[:, 9:] = 49406, 49407
-            ref = clip_ref(ids).last_hidden_state
-            assert (ours.text_encoder(ids) - ref).abs().max() <= atol
 
 
 # ---------------------------------------------------------------- diffusers folder layout
@@ -140,51 +106,13 @@ def test_sharded_weights(tmp_path, tiny):
 
 # ---------------------------------------------------------------- CompVis single file
 
-def test_compvis_rules_give_exactly_the_diffusers_keys():
+def test_compvis_rules_give_exactly_the_diffusersreference_keys():
     """The real v1.4 single-file key list, converted by our rules, is exactly the diffusers key list."""
-    parts = compvis.split_single_file(sorted(_keys("single_file_ldm.txt")))
-    assert set(parts["unet"]) == _keys("unet.txt")
-    assert set(parts["vae"]) == _keys("vae.txt")
-    assert set(parts["text_encoder"]) - {"embeddings.position_ids"} == _keys("text_encoder.txt")
-    assert sum(len(p) for p in parts.values()) == len(_keys("single_file_ldm.txt"))  # a bijection
-
-
-def sd_structured_references(in_channels=4, width=(32, 32, 64, 64), vae_width=(16, 16, 32, 32),
-                             text_dim=32, heads=2, seed=0):
-    """Reference models with SD v1.4's block structure (so the same checkpoint key NAMES) but any widths."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from tests.helpers_unet import diffusers_unet
-    from tests.tiny_sd import _perturb
-    unet = diffusers_unet(dict(in_channels=in_channels, block_out_channels=width, attention_head_dim=heads,
-                               cross_attention_dim=text_dim, norm_num_groups=8, sample_size=8), seed)
-    torch.manual_seed(seed + 1)
-    vae = _perturb(AutoencoderKL(block_out_channels=vae_width, layers_per_block=2, norm_num_groups=8,
-                                 down_block_types=("DownEncoderBlock2D",) * 4,
-                                 up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4), seed + 2)
-    torch.manual_seed(seed + 3)
-    clip = _perturb(CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=text_dim, intermediate_size=64,
-                                                 num_hidden_layers=12, num_attention_heads=4)), seed + 4, 0.02)
-    return unet, vae, clip
-
-
-def write_single_file(path: Path, unet, vae, clip, extra: dict | None = None) -> Path:
-    """Write the models in the CompVis layout, with key names from the real v1.4 key list."""
-    parts = compvis.split_single_file(sorted(_keys("single_file_ldm.txt")))
-    states = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": clip.state_dict()}
-    out = {}
-    for comp, mapping in parts.items():
-        for new, old in mapping.items():
-            if new not in states[comp]:
-                continue  # position_ids: a buffer in some transformers versions only
-            v = states[comp][new]
-            if comp == "vae" and ".attentions.0.to_" in new and new.endswith("weight"):
-                v = v[:, :, None, None]  # CompVis stores the VAE attention as 1x1 convolutions
-            out[old] = v.contiguous()
-    out.update(extra or {})
-    save_file(out, str(path))
-    return path
+    parts = compvis.split_single_file(sorted(reference_keys("single_file_ldm.txt")))
+    assert set(parts["unet"]) == reference_keys("unet.txt")
+    assert set(parts["vae"]) == reference_keys("vae.txt")
+    assert set(parts["text_encoder"]) - {"embeddings.position_ids"} == reference_keys("text_encoder.txt")
+    assert sum(len(p) for p in parts.values()) == len(reference_keys("single_file_ldm.txt"))  # a bijection
 
 
 def _configs(refs) -> dict:
