@@ -1,0 +1,519 @@
+#!/usr/bin/env python3
+"""InstDiffEdit: instant, mask-guided text-driven image editing (Zou et al., AAAI 2024, arXiv 2401.07709).
+
+Stage 1 runs Stable Diffusion from the noised source image (strength r) with the edit text as the
+only prompt, n rounds at once. At every step the 16x16 cross-attention maps give an instant mask
+(Eq. 6-9, `mask/`) that guides the denoising (Eq. 4-5). Stage 2 hands the final mask to the SD
+inpainting UNet, which generates the edit from pure noise.
+
+    python instdiffedit.py --image cat.jpg --edit "a dog"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mask.instant import instant_mask
+from mask.store import AttentionStore
+from sampler import SchedulerConfig, cfg, make_sampler
+from weights import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, WeightsError, load
+
+TOY_MODEL = str(Path(__file__).resolve().parent / "assets" / "toy-sd")
+TOY_INPAINT_MODEL = str(Path(__file__).resolve().parent / "assets" / "toy-sd-inpaint")
+MAX_PIXELS = 64_000_000  # larger inputs are refused as possible decompression bombs
+
+
+class EditError(ValueError):
+    """Bad user input; the CLI prints the message on one line and exits non-zero."""
+
+
+# ---------------------------------------------------------------- options and results
+
+@dataclass
+class EditOptions:
+    strength: float = 0.5     # noise strength r: stage 1 runs the last int(steps * r) steps
+    threshold: float = 0.2    # phi: binarisation threshold of the refined map (Eq. 9)
+    rounds: int = 3           # n parallel denoising rounds whose attention maps are averaged
+    steps: int = 50           # inference steps of both stages
+    guidance: float = 7.5     # classifier-free guidance scale
+    sampler: str = "lms"      # "lms" (the authors') or "ddim"
+    seed: int = 0             # master seed: every round's noise and the inpainting noise derive from it
+    gamma1: float = 0.9       # Eq. 8: similarity at or above which a word joins the mask
+    gamma2: float = 0.6       # Eq. 8: similarity at or below which a word is subtracted
+    attention: str = "running"  # "running": mean of the maps of all steps so far (authors); "instant"
+    attention_res: int = 16     # cross-attention maps recorded at this grid: the authors' 16x16 (SD v1.4: latent / 4)
+    inpaint: bool = True      # False: decode the Eq. 5 result of round 0 instead of inpainting
+
+    def check(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise EditError(f"threshold {self.threshold} is outside [0, 1]")
+        if not 0.0 < self.strength <= 1.0:
+            raise EditError(f"strength {self.strength} is outside (0, 1]")
+        if self.rounds < 1:
+            raise EditError(f"rounds {self.rounds} must be at least 1")
+        if self.steps < 1:
+            raise EditError(f"steps {self.steps} must be at least 1")
+        if int(self.steps * self.strength) < 1:
+            raise EditError(f"strength {self.strength} x steps {self.steps} leaves no step to run")
+        if self.sampler not in ("lms", "ddim"):
+            raise EditError(f"sampler '{self.sampler}' is not one of lms, ddim")
+        if self.attention not in ("running", "instant"):
+            raise EditError(f"attention '{self.attention}' is not one of running, instant")
+
+
+@dataclass
+class MaskOutput:
+    mask: torch.Tensor        # (H, W) bool at latent resolution
+    soft: torch.Tensor        # (H, W) float in [0, 1] at latent resolution
+    P: torch.Tensor           # Eq. 8 positions, one per word (SOT and EOT included, 0)
+    words: list[str]          # ["<sot>", word..., "<eot>"], aligned with P and word_maps
+    word_maps: torch.Tensor   # (words, H, W) normalised maps the mask was built from
+    latents: torch.Tensor     # (rounds, C, h, w) Eq. 5 result after the last step
+
+
+@dataclass
+class EditResult:
+    image: Image.Image        # edited image at the input's original size
+    mask: Image.Image         # binary mask at the input's original size
+    soft_mask: Image.Image    # refined soft map at the input's original size
+    P: list[int]
+    words: list[str]
+    word_maps: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- images
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open any image PIL reads as 8-bit RGB, EXIF orientation applied, alpha composited on white."""
+    from PIL import ImageOps
+    path = Path(path)
+    if not path.is_file():
+        raise EditError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise EditError(f"{path}: empty file")
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise EditError(f"{path}: image is over the {MAX_PIXELS:,}-pixel limit (possible decompression bomb)") from None
+    except Exception as e:
+        raise EditError(f"{path}: not a readable image ({' '.join(str(e).split())[:150]})") from None
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: rescale, don't clip
+        import numpy as np
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray((a.clip(0, top) / top * 255).round().astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def to_tensor(img: Image.Image, size: int, device, dtype) -> torch.Tensor:
+    """RGB PIL -> (1, 3, size, size) in [-1, 1]; the authors resize every input to a square."""
+    import numpy as np
+    img = img.resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    return x[None].to(device=device, dtype=dtype)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> RGB PIL."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu()
+    return Image.fromarray(x.numpy(), "RGB")
+
+
+def map_to_pil(m: torch.Tensor, size: tuple[int, int], binary: bool = False) -> Image.Image:
+    """(H, W) map in [0, 1] -> greyscale PIL of `size` (W, H)."""
+    x = m.float()[None, None]
+    x = (F.interpolate(x, size=(size[1], size[0]), mode="nearest") if binary
+         else F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False))
+    x = (x[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return Image.fromarray(x.numpy(), "L")
+
+
+def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """A user mask (white = edit) -> bool (H, W) at `size`; colour or empty images are refused."""
+    import numpy as np
+    img = load_image(path)
+    a = np.asarray(img, dtype=np.int16)
+    if np.abs(a - a.mean(axis=2, keepdims=True)).max() > 8:
+        raise EditError(f"{path}: not a mask (it has colour; expected black and white, white = region to edit)")
+    m = a[..., 0] > 127
+    if not m.any():
+        raise EditError(f"{path}: the mask is empty (no white pixels)")
+    if img.size != size:
+        m = np.asarray(Image.fromarray(m).resize(size, Image.NEAREST))
+    return torch.from_numpy(m.copy())
+
+
+# ---------------------------------------------------------------- the pipeline
+
+class InstDiffEdit:
+    def __init__(self, sd, inpaint_unet=None, device="cpu", dtype=torch.float32):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
+        self.inpaint_unet = inpaint_unet
+        self.scheduler_config = SchedulerConfig.from_dict(sd.scheduler_config) if sd.scheduler_config else SchedulerConfig()
+        self.device, self.dtype = torch.device(device), dtype
+        self.scale = self.vae.config.scaling_factor
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.size = self.unet.config.sample_size * self.vae_factor  # the trained image size: 512 for SD v1.x
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, inpaint_model: str | None = DEFAULT_INPAINT_MODEL,
+                        device: str | None = None, dtype: torch.dtype | None = None, compile: bool = False):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+        sd = load(model, device=device, dtype=dtype)
+        inpaint = load(inpaint_model, components=("unet",), device=device, dtype=dtype).unet if inpaint_model else None
+        if inpaint is not None and inpaint.config.in_channels != 9:
+            raise WeightsError(f"{inpaint_model}: the inpainting UNet must take 9 input channels, "
+                               f"this one takes {inpaint.config.in_channels}")
+        pipe = cls(sd, inpaint, device, dtype)
+        if compile:
+            pipe.unet = torch.compile(pipe.unet)
+            if pipe.inpaint_unet is not None:
+                pipe.inpaint_unet = torch.compile(pipe.inpaint_unet)
+        return pipe
+
+    # -- text and latents
+
+    @torch.no_grad()
+    def encode_text(self, prompt: str) -> torch.Tensor:
+        ids = self.tokenizer.encode([prompt, ""]).to(self.device)
+        cond, uncond = self.text_encoder(ids).to(self.dtype).chunk(2)
+        return torch.cat([uncond, cond])  # (2, 77, D): [unconditional, conditional]
+
+    @torch.no_grad()
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(x).mean * self.scale  # the posterior mean: no extra sampling noise
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z / self.scale)
+
+    def _unet_cfg(self, unet, sampler, x, i, t, emb, guidance, extra=None, recorder=None):
+        """One classifier-free-guided model prediction for a batch x of n latents; emb is (2, 77, D)."""
+        n = x.shape[0]
+        inp = sampler.scale_model_input(torch.cat([x, x]), i)
+        if extra is not None:  # inpainting: mask and masked-image latents as extra channels
+            inp = torch.cat([inp, torch.cat([extra, extra])], dim=1)
+        ctx = emb.repeat_interleave(n, dim=0)  # [uncond x n, cond x n]
+        out = unet(inp, t, ctx, recorder=recorder) if recorder is not None else unet(inp, t, ctx)
+        uncond, cond = out.chunk(2)
+        return cfg(uncond, cond, guidance)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator("cpu").manual_seed(seed)  # noise drawn on the CPU: the same on every device
+
+    # -- stage 1: instant mask and mask-guided denoising (Eq. 4-9)
+
+    @torch.no_grad()
+    def _stage1(self, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generator,
+                progress: bool = False) -> MaskOutput:
+        words = self.tokenizer.words(edit)  # [(word, [token positions])], positions count SOT as 0
+        emb = self.encode_text(edit)
+        z0 = self.encode_image(x0)
+        h, w = z0.shape[-2:]
+        sampler = make_sampler(o.sampler, self.scheduler_config)
+        sampler.set_timesteps(o.steps, self.device)
+        start = sampler.start_index(o.strength)
+        eps = torch.randn((o.rounds, *z0.shape[1:]), generator=gen).to(self.device, self.dtype)  # one noise per round
+        z0 = z0.expand(o.rounds, -1, -1, -1)
+        x = sampler.add_noise_at(z0, eps, start)
+        if h % o.attention_res or w % o.attention_res:
+            raise EditError(f"attention_res {o.attention_res} does not divide the {h}x{w} latent")
+        store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res)
+        positions = [pos for _, pos in words]
+        P, res = None, None
+        for i in _progress(range(start, len(sampler.timesteps)), progress, "mask + guided denoising"):
+            t = sampler.timesteps[i]
+            pred = self._unet_cfg(self.unet, sampler, x, i, t, emb, o.guidance, recorder=store)
+            store.end_step()
+            x = sampler.step(pred, i, x)
+            # Eq. 6-9 on the maps so far; P (Eq. 8) is fixed at the first step and reused
+            res = instant_mask(store.maps(), positions, (h, w), P=P, gamma1=o.gamma1, gamma2=o.gamma2,
+                               threshold=o.threshold)
+            P = res.P
+            # Eq. 5: outside the mask, the latents follow the source image noised to this step
+            y = sampler.add_noise_at(z0, eps, i)
+            m = res.mask.to(x.dtype)
+            x = y + m * (x - y)
+        names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
+        return MaskOutput(res.mask, res.soft, res.P, names, res.word_maps, x)
+
+    # -- stage 2: inpainting finish
+
+    @torch.no_grad()
+    def inpaint(self, x0: torch.Tensor, mask: torch.Tensor, prompt: str, o: EditOptions,
+                gen: torch.Generator, progress: bool = False) -> torch.Tensor:
+        """SD inpainting from pure noise: UNet input = [noisy latents, latent mask, masked-image latents]."""
+        if self.inpaint_unet is None:
+            raise EditError("no inpainting model loaded (pass inpaint_model, or use --no-inpaint)")
+        m = mask.to(self.device, self.dtype)[None, None]  # (1, 1, h, w) at latent size
+        m_img = F.interpolate(m, size=x0.shape[-2:], mode="nearest")
+        masked = self.encode_image(x0 * (m_img < 0.5))
+        emb = self.encode_text(prompt)
+        sampler = make_sampler(o.sampler, self.scheduler_config)
+        sampler.set_timesteps(o.steps, self.device)
+        x = torch.randn(masked.shape, generator=gen).to(self.device, self.dtype) * sampler.init_noise_sigma
+        extra = torch.cat([m, masked], dim=1)
+        for i in _progress(range(len(sampler.timesteps)), progress, "inpainting"):
+            t = sampler.timesteps[i]
+            x = sampler.step(self._unet_cfg(self.inpaint_unet, sampler, x, i, t, emb, o.guidance, extra), i, x)
+        return self.decode(x)
+
+    # -- public API
+
+    def _prepare(self, image, edit: str, o: EditOptions):
+        o.check()
+        if not edit or not edit.strip():
+            raise EditError("the edit text is empty")
+        img = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        return img, to_tensor(img, self.size, self.device, self.dtype)
+
+    def mask(self, image, edit: str, progress: bool = False, **options) -> MaskOutput:
+        """The InstDiffEdit mask alone (stage 1)."""
+        o = EditOptions(**options)
+        _, x0 = self._prepare(image, edit, o)
+        return self._stage1(x0, edit, o, self._generator(o.seed), progress)
+
+    def edit(self, image, edit: str, mask: torch.Tensor | None = None, progress: bool = False,
+             **options) -> EditResult:
+        """Edit `image` (path or PIL) toward the text `edit`. `mask` (bool, any size) skips stage 1."""
+        o = EditOptions(**options)
+        img, x0 = self._prepare(image, edit, o)
+        gen = self._generator(o.seed)
+        timings: dict[str, float] = {}
+        tic = _clock(self.device)
+        h, w = (s // self.vae_factor for s in x0.shape[-2:])
+        if mask is None:
+            st1 = self._stage1(x0, edit, o, gen, progress)
+            m, soft, P, words, maps = st1.mask, st1.soft, st1.P.tolist(), st1.words, st1.word_maps
+            timings["mask_and_guided_denoising_s"] = _clock(self.device) - tic
+        else:
+            m = F.interpolate(mask.float()[None, None], size=(h, w), mode="area")[0, 0].to(self.device) > 0.5
+            soft, P, words, maps, st1 = m.float(), [], [], torch.zeros(0, h, w), None
+        tic = _clock(self.device)
+        if o.inpaint:
+            out = self.inpaint(x0, m, edit, o, gen, progress)[0]
+        else:
+            if st1 is None:
+                raise EditError("--no-inpaint needs the stage-1 result: it cannot be combined with --mask")
+            out = self.decode(st1.latents[:1])[0]
+        timings["finish_s"] = _clock(self.device) - tic
+        size = img.size
+        edited = to_pil(out).resize(size, Image.BICUBIC)
+        return EditResult(edited, map_to_pil(m, size, binary=True), map_to_pil(soft, size), P, words,
+                          maps.float().cpu(), timings)
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _progress(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+    return tqdm(it, desc=desc, leave=False, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- pictures for people
+
+def overlay(img: Image.Image, mask: Image.Image) -> Image.Image:
+    red = Image.new("RGB", img.size, (255, 40, 40))
+    return Image.composite(Image.blend(img, red, 0.5), img, mask)
+
+
+def attention_grid(words: list[str], maps: torch.Tensor, P: list[int], cell: int = 128) -> Image.Image:
+    """One labelled tile per word map (with its Eq. 8 position P), side by side."""
+    from PIL import ImageDraw
+    n = max(len(words), 1)
+    grid = Image.new("RGB", (cell * n, cell + 16), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for k, word in enumerate(words):
+        if k < len(maps):
+            grid.paste(map_to_pil(maps[k], (cell, cell)).convert("RGB"), (k * cell, 16))
+        label = f"{word} P={P[k]:+d}" if k < len(P) else word
+        draw.text((k * cell + 2, 2), label[:22], fill=(0, 0, 0))
+    return grid
+
+
+# ---------------------------------------------------------------- CLI
+
+EXAMPLES = """examples:
+  python instdiffedit.py --image dog.jpg --edit "a raccoon"              # SD v1.4 from the hub
+  python instdiffedit.py --image dog.jpg --edit "a raccoon" --model ./sd14 --seed 7
+  python instdiffedit.py --image scene.png --edit "a blue circle" --model toy   # bundled toy model
+  python instdiffedit.py --image dog.jpg --edit "a cat" --mask mask.png  # skip mask generation
+"""
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _fraction(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a number") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="instdiffedit.py", description=__doc__.split("\n\n")[0],
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--image", required=True, help="input image (any format PIL reads)")
+    p.add_argument("--edit", required=True, help='edit text, the only prompt (e.g. "a raccoon")')
+    p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"SD v1.x: hub id, diffusers folder or single file, or 'toy' (default: {DEFAULT_MODEL})")
+    p.add_argument("--inpaint-model", default=None,
+                   help=f"inpainting UNet source (default: {DEFAULT_INPAINT_MODEL}; the toy one with --model toy)")
+    p.add_argument("--strength", type=_fraction, default=0.5, help="noise strength r in (0, 1] (default 0.5)")
+    p.add_argument("--threshold", type=_fraction, default=0.2, help="mask threshold phi in [0, 1] (default 0.2)")
+    p.add_argument("--rounds", type=int, default=3, help="parallel denoising rounds n (default 3)")
+    p.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
+    p.add_argument("--guidance", type=_fraction, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--sampler", choices=["lms", "ddim"], default="lms", help="scheduler (default lms, as the authors)")
+    p.add_argument("--attention", choices=["running", "instant"], default="running",
+                   help="maps averaged over the steps so far (authors, default) or this step's only")
+    p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
+    p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNets")
+    p.add_argument("--mask", default=None, help="use this mask (white = edit) instead of generating one")
+    p.add_argument("--no-inpaint", action="store_true", help="decode the Eq. 5 result instead of inpainting")
+    p.add_argument("--save-attention", action="store_true", help="also write the labelled per-word attention maps")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    return p
+
+
+OUTPUTS = ("edited.png", "mask.png", "soft_mask.png", "overlay.png", "attention.png", "run.json")
+
+
+def _check_out(out: Path, image: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise EditError(f"{out}: exists and is not a folder")
+    if out.is_dir() and not overwrite:
+        clash = [n for n in OUTPUTS if (out / n).exists()]
+        if clash:
+            raise EditError(f"{out / clash[0]}: exists (use --overwrite, or another --out)")
+    if any((out / n).resolve() == image.resolve() for n in OUTPUTS):
+        raise EditError(f"{image}: the input would be overwritten by an output; choose another --out")
+    parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise EditError(f"{parent}: output folder is not writable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (EditError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args) -> int:
+    t_start = time.perf_counter()
+    image, out = Path(args.image), Path(args.out)
+    if not args.edit.strip():
+        raise EditError("--edit is empty")
+    opts = EditOptions(strength=args.strength, threshold=args.threshold, rounds=args.rounds, steps=args.steps,
+                       guidance=args.guidance, sampler=args.sampler, seed=args.seed, attention=args.attention,
+                       inpaint=not args.no_inpaint)
+    opts.check()
+    if args.no_inpaint and args.mask:
+        raise EditError("--no-inpaint decodes the stage-1 result, which --mask skips: use one of them")
+    _check_out(out, image, args.overwrite)
+    img = load_image(image)
+    user_mask = load_mask(args.mask, img.size) if args.mask else None
+    model, inpaint_model = args.model, args.inpaint_model
+    if model == "toy":
+        model, inpaint_model = TOY_MODEL, inpaint_model or TOY_INPAINT_MODEL
+    inpaint_model = inpaint_model or DEFAULT_INPAINT_MODEL
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise EditError(f"--device '{device}' is not a torch device") from None
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise EditError(f"--device {device}: CUDA is not available here")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+
+    tic = time.perf_counter()
+    pipe = InstDiffEdit.from_pretrained(model, inpaint_model if opts.inpaint else None, device, dtype, args.compile)
+    load_s = time.perf_counter() - tic
+    tokens = len(pipe.tokenizer.tokens(args.edit))
+    if tokens > 75:
+        print(f"warning: the edit text has {tokens} tokens; only the first 75 are used", file=sys.stderr)
+    res = pipe.edit(img, args.edit, mask=user_mask, progress=not args.quiet, **asdict(opts))
+
+    # write everything to a temporary folder first, then move: nothing half-written on failure
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    try:
+        res.image.save(tmp / "edited.png")
+        res.mask.save(tmp / "mask.png")
+        res.soft_mask.save(tmp / "soft_mask.png")
+        overlay(img, res.mask).save(tmp / "overlay.png")
+        if args.save_attention and res.words:
+            attention_grid(res.words, res.word_maps, res.P).save(tmp / "attention.png")
+        record = {
+            "image": str(image), "edit": args.edit, "model": model,
+            "inpaint_model": inpaint_model if opts.inpaint else None, "mask_file": args.mask,
+            "options": asdict(opts), "device": str(pipe.device), "dtype": str(dtype).removeprefix("torch."),
+            "compile": args.compile, "words": res.words, "P": res.P,
+            "timings_s": {"load": round(load_s, 3), **{k: round(v, 3) for k, v in res.timings.items()},
+                          "total": round(time.perf_counter() - t_start, 3)},
+            "versions": _versions(),
+        }
+        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not args.quiet:
+        print(f"wrote {out}/edited.png, mask.png, soft_mask.png, overlay.png"
+              + (", attention.png" if args.save_attention and res.words else "") + ", run.json"
+              + f"  ({record['timings_s']['total']:.1f} s)")
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+    import safetensors
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__, "pillow": PIL.__version__}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
