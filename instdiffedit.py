@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mask.diffedit import DiffEditMask, diffedit_mask
 from mask.instant import instant_mask
 from mask.store import AttentionStore
 from sampler import SchedulerConfig, cfg, make_sampler
@@ -56,6 +57,11 @@ class EditOptions:
     attention: str = "running"  # "running": mean of the maps of all steps so far (authors); "instant"
     attention_res: int = 16     # cross-attention maps recorded at this grid: the authors' 16x16 (SD v1.4: latent / 4)
     inpaint: bool = True      # False: decode the Eq. 5 result of round 0 instead of inpainting
+    method: str = "instdiffedit"  # or the paper's baselines: "diffedit", "sdedit"
+    source: str = ""          # DiffEdit only: text describing the source image ("" = unconditional)
+    diffedit_samples: int = 10  # DiffEdit: noise samples averaged (the InstDiffEdit authors used 10)
+    diffedit_ratio: float = 3.0  # DiffEdit: clamp at ratio x mean difference, binarise at half (diffusers)
+    diffedit_blur: int = 0    # DiffEdit: Gaussian blur kernel before thresholding (authors: 5; 0 = none)
 
     def check(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -70,6 +76,10 @@ class EditOptions:
             raise EditError(f"strength {self.strength} x steps {self.steps} leaves no step to run")
         if self.sampler not in ("lms", "ddim"):
             raise EditError(f"sampler '{self.sampler}' is not one of lms, ddim")
+        if self.method not in ("instdiffedit", "diffedit", "sdedit"):
+            raise EditError(f"method '{self.method}' is not one of instdiffedit, diffedit, sdedit")
+        if self.diffedit_samples < 1:
+            raise EditError(f"diffedit_samples {self.diffedit_samples} must be at least 1")
         if self.attention not in ("running", "instant"):
             raise EditError(f"attention '{self.attention}' is not one of running, instant")
 
@@ -228,19 +238,23 @@ class InstDiffEdit:
 
     # -- stage 1: instant mask and mask-guided denoising (Eq. 4-9)
 
+    def _noised(self, x0: torch.Tensor, o: EditOptions, gen: torch.Generator, n: int):
+        """Source latents z0 (n copies), n noises (one per round), and z0 noised to strength r."""
+        z0 = self.encode_image(x0)
+        sampler = make_sampler(o.sampler, self.scheduler_config)
+        sampler.set_timesteps(o.steps, self.device)
+        start = sampler.start_index(o.strength)
+        eps = torch.randn((n, *z0.shape[1:]), generator=gen).to(self.device, self.dtype)
+        z0 = z0.expand(n, -1, -1, -1)
+        return sampler, start, z0, eps, sampler.add_noise_at(z0, eps, start)
+
     @torch.no_grad()
     def _stage1(self, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generator,
                 progress: bool = False) -> MaskOutput:
         words = self.tokenizer.words(edit)  # [(word, [token positions])], positions count SOT as 0
         emb = self.encode_text(edit)
-        z0 = self.encode_image(x0)
+        sampler, start, z0, eps, x = self._noised(x0, o, gen, o.rounds)
         h, w = z0.shape[-2:]
-        sampler = make_sampler(o.sampler, self.scheduler_config)
-        sampler.set_timesteps(o.steps, self.device)
-        start = sampler.start_index(o.strength)
-        eps = torch.randn((o.rounds, *z0.shape[1:]), generator=gen).to(self.device, self.dtype)  # one noise per round
-        z0 = z0.expand(o.rounds, -1, -1, -1)
-        x = sampler.add_noise_at(z0, eps, start)
         if h % o.attention_res or w % o.attention_res:
             raise EditError(f"attention_res {o.attention_res} does not divide the {h}x{w} latent")
         store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res)
@@ -261,6 +275,27 @@ class InstDiffEdit:
             x = y + m * (x - y)
         names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
         return MaskOutput(res.mask, res.soft, res.P, names, res.word_maps, x)
+
+    # -- baselines on the same models, samplers and seeds (paper Table 1)
+
+    @torch.no_grad()
+    def _sdedit(self, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generator,
+                progress: bool = False) -> torch.Tensor:
+        """SDEdit (Meng et al. 2022): noise to strength r, denoise with the edit text, no mask."""
+        emb = self.encode_text(edit)
+        sampler, start, _, _, x = self._noised(x0, o, gen, 1)
+        for i in _progress(range(start, len(sampler.timesteps)), progress, "sdedit"):
+            x = sampler.step(self._unet_cfg(self.unet, sampler, x, i, sampler.timesteps[i], emb, o.guidance), i, x)
+        return self.decode(x)
+
+    @torch.no_grad()
+    def _diffedit(self, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generator) -> DiffEditMask:
+        """DiffEdit's mask: noise predictions under the source and the edit text differ where the edit goes."""
+        sampler, start, _, _, x = self._noised(x0, o, gen, o.diffedit_samples)
+        t = sampler.timesteps[start]
+        pred_source = self._unet_cfg(self.unet, sampler, x, start, t, self.encode_text(o.source), o.guidance)
+        pred_edit = self._unet_cfg(self.unet, sampler, x, start, t, self.encode_text(edit), o.guidance)
+        return diffedit_mask(pred_source, pred_edit, o.diffedit_ratio, o.diffedit_blur or None)
 
     # -- stage 2: inpainting finish
 
@@ -307,23 +342,32 @@ class InstDiffEdit:
         timings: dict[str, float] = {}
         tic = _clock(self.device)
         h, w = (s // self.vae_factor for s in x0.shape[-2:])
-        if mask is None:
+        soft, P, words, maps, st1 = None, [], [], torch.zeros(0, h, w), None
+        if mask is not None:
+            m = F.interpolate(mask.float()[None, None], size=(h, w), mode="area")[0, 0].to(self.device) > 0.5
+        elif o.method == "instdiffedit":
             st1 = self._stage1(x0, edit, o, gen, progress)
             m, soft, P, words, maps = st1.mask, st1.soft, st1.P.tolist(), st1.words, st1.word_maps
-            timings["mask_and_guided_denoising_s"] = _clock(self.device) - tic
-        else:
-            m = F.interpolate(mask.float()[None, None], size=(h, w), mode="area")[0, 0].to(self.device) > 0.5
-            soft, P, words, maps, st1 = m.float(), [], [], torch.zeros(0, h, w), None
+        elif o.method == "diffedit":
+            de = self._diffedit(x0, edit, o, gen)
+            m, soft = de.mask, de.soft
+        else:  # sdedit: no mask, the whole image may change
+            m = torch.ones(h, w, dtype=torch.bool, device=self.device)
+        timings["mask_s"] = _clock(self.device) - tic
         tic = _clock(self.device)
-        if o.inpaint:
+        if o.method == "sdedit" and mask is None:
+            out = self._sdedit(x0, edit, o, gen, progress)[0]
+        elif o.inpaint:
             out = self.inpaint(x0, m, edit, o, gen, progress)[0]
         else:
             if st1 is None:
-                raise EditError("--no-inpaint needs the stage-1 result: it cannot be combined with --mask")
+                raise EditError("--no-inpaint decodes InstDiffEdit's Eq. 5 result: it needs the instdiffedit "
+                                "method and no --mask")
             out = self.decode(st1.latents[:1])[0]
         timings["finish_s"] = _clock(self.device) - tic
         size = img.size
         edited = to_pil(out).resize(size, Image.BICUBIC)
+        soft = m.float() if soft is None else soft
         return EditResult(edited, map_to_pil(m, size, binary=True), map_to_pil(soft, size), P, words,
                           maps.float().cpu(), timings)
 
@@ -404,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets")
+    p.add_argument("--method", choices=["instdiffedit", "diffedit", "sdedit"], default="instdiffedit",
+                   help="InstDiffEdit (default) or the paper's baselines DiffEdit / SDEdit, on the same models")
+    p.add_argument("--source", default="", help="DiffEdit only: text describing the input image")
     p.add_argument("--mask", default=None, help="use this mask (white = edit) instead of generating one")
     p.add_argument("--no-inpaint", action="store_true", help="decode the Eq. 5 result instead of inpainting")
     p.add_argument("--save-attention", action="store_true", help="also write the labelled per-word attention maps")
@@ -448,7 +495,7 @@ def run(args) -> int:
         raise EditError("--edit is empty")
     opts = EditOptions(strength=args.strength, threshold=args.threshold, rounds=args.rounds, steps=args.steps,
                        guidance=args.guidance, sampler=args.sampler, seed=args.seed, attention=args.attention,
-                       inpaint=not args.no_inpaint)
+                       inpaint=not args.no_inpaint, method=args.method, source=args.source)
     opts.check()
     if args.no_inpaint and args.mask:
         raise EditError("--no-inpaint decodes the stage-1 result, which --mask skips: use one of them")
