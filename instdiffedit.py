@@ -82,6 +82,8 @@ class EditOptions:
             raise EditError(f"diffedit_samples {self.diffedit_samples} must be at least 1")
         if self.attention not in ("running", "instant"):
             raise EditError(f"attention '{self.attention}' is not one of running, instant")
+        if self.attention_res < 1:
+            raise EditError(f"attention_res {self.attention_res} must be at least 1")
 
 
 @dataclass
@@ -444,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["lms", "ddim"], default="lms", help="scheduler (default lms, as the authors)")
     p.add_argument("--attention", choices=["running", "instant"], default="running",
                    help="maps averaged over the steps so far (authors, default) or this step's only")
+    p.add_argument("--attention-res", type=int, default=16,
+                   help="grid of the cross-attention maps used for the mask (default 16, SD v1.x: latent / 4)")
     p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
@@ -495,6 +499,7 @@ def run(args) -> int:
         raise EditError("--edit is empty")
     opts = EditOptions(strength=args.strength, threshold=args.threshold, rounds=args.rounds, steps=args.steps,
                        guidance=args.guidance, sampler=args.sampler, seed=args.seed, attention=args.attention,
+                       attention_res=args.attention_res,
                        inpaint=not args.no_inpaint, method=args.method, source=args.source)
     opts.check()
     if args.no_inpaint and args.mask:
