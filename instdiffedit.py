@@ -349,7 +349,7 @@ class InstDiffEdit:
             m = F.interpolate(mask.float()[None, None], size=(h, w), mode="area")[0, 0].to(self.device) > 0.5
         elif o.method == "instdiffedit":
             st1 = self._stage1(x0, edit, o, gen, progress)
-            m, soft, P, words, maps = st1.mask, st1.soft, st1.P.tolist(), st1.words, st1.word_maps
+            m, soft, P, words, maps = st1.mask, st1.soft, [int(v) for v in st1.P.tolist()], st1.words, st1.word_maps
         elif o.method == "diffedit":
             de = self._diffedit(x0, edit, o, gen)
             m, soft = de.mask, de.soft
@@ -476,6 +476,8 @@ def _check_out(out: Path, image: Path, overwrite: bool) -> None:
     if any((out / n).resolve() == image.resolve() for n in OUTPUTS):
         raise EditError(f"{image}: the input would be overwritten by an output; choose another --out")
     parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise EditError(f"{parent}: is not a folder, so --out {out} cannot be created")
     if not os.access(parent, os.W_OK):
         raise EditError(f"{parent}: output folder is not writable")
 
@@ -487,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     except (EditError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. writing the results failed (permissions, disk full): one line, no traceback
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
