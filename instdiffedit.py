@@ -528,10 +528,12 @@ def run(args) -> int:
     tic = time.perf_counter()
     pipe = InstDiffEdit.from_pretrained(model, inpaint_model if opts.inpaint else None, device, dtype, args.compile)
     load_s = time.perf_counter() - tic
-    tokens = len(pipe.tokenizer.tokens(args.edit))
+    tokens = pipe.tokenizer._body(args.edit)[1]  # the uncut count (tokens() is already cut to 75)
     if tokens > 75:
         print(f"warning: the edit text has {tokens} tokens; only the first 75 are used", file=sys.stderr)
-    res = pipe.edit(img, args.edit, mask=user_mask, progress=not args.quiet, **asdict(opts))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="prompt has .* tokens")  # warned once just above
+        res = pipe.edit(img, args.edit, mask=user_mask, progress=not args.quiet, **asdict(opts))
 
     # write everything to a temporary folder first, then move: nothing half-written on failure
     out.mkdir(parents=True, exist_ok=True)
