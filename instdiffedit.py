@@ -555,8 +555,11 @@ def run(args) -> int:
             "versions": _versions(),
         }
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-        for f in tmp.iterdir():
+        made = sorted(tmp.iterdir())
+        for f in made:
             os.replace(f, out / f.name)
+        for n in set(OUTPUTS) - {f.name for f in made}:  # --overwrite: no stale output of an earlier run
+            (out / n).unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not args.quiet:
