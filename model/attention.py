@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -41,10 +42,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 recorder: AttentionRecorder | None = None, hw: tuple[int, int] | None = None) -> torch.Tensor:
         context = x if context is None else context
-        b, n, _ = x.shape
-        h = self.heads
-        # (b, n, h*d) -> (b, h, n, d)
-        q, k, v = (t.unflatten(-1, (h, -1)).transpose(1, 2)
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         if recorder is not None and hw is not None and recorder.wants(self.name, hw):
             scale = q.shape[-1] ** -0.5
@@ -54,8 +52,7 @@ class Attention(nn.Module):
             out = probs.to(v.dtype) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        # (b, h, n, d) -> (b, n, h*d)
-        out = out.transpose(1, 2).flatten(2)
+        out = rearrange(out, "b h n d -> b n (h d)")
         return self.to_out[0](out)
 
 
