@@ -286,7 +286,7 @@ def bench_edit(workdir: Path, steps: int, threads: int, log) -> dict:
     else:
         tic = time.perf_counter()
         model, inpaint_model = build_tiny(workdir)
-        what = "tiny random SD v1.4-structured model (assets/toy-sd not found)"
+        what = "tiny random SD v1.4-structured model (assets/toy-sd + assets/toy-sd-inpaint not both present)"
         log(f"  built the tiny model in {time.perf_counter() - tic:.1f} s")
 
     threads_before = torch.get_num_threads()
