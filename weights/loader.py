@@ -121,7 +121,10 @@ def build(component: str, tensors: dict[str, Getter], label: str, config: dict |
             raise WeightsError(
                 f"{label}: key '{key}' has shape {tuple(t.shape)}, expected {expected[key]} "
                 f"(an SD 2.x or other non-v1 checkpoint, or a config that does not match the weights?)")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        # a NaN/inf anywhere makes the sum non-finite (one fast pass); only then look element-wise,
+        # since a sum of large finite values may also overflow
+        if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) \
+                and not bool(torch.isfinite(t).all()):
             raise WeightsError(f"{label}: key '{key}' contains NaN or inf values")
         state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     model.load_state_dict(state, strict=True, assign=True)
