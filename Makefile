@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench eval-toy clean
+.PHONY: test test-fast demo bench eval-toy toy-model clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -21,8 +21,24 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# the main job, offline: edit the bundled example scene with the bundled toy model (CPU, < 1 min)
+demo: $(STAMP)
+	$(BIN)/python instdiffedit.py --image assets/examples/scene.png --edit "$(DEMO_EDIT)" --model toy \
+		--out out/demo --save-attention --overwrite
+
+DEMO_EDIT ?= a blue circle
+
 bench: $(STAMP)
 	$(BIN)/python bench/bench_models.py
+	$(BIN)/python bench/bench_mask.py
+
+# edit-quality benchmark on held-out synthetic scenes (exact GT masks); writes runs/eval-toy/
+eval-toy: $(STAMP)
+	$(BIN)/python -m toy.benchmark
+
+# retrain the bundled toy model from its seed (about 45 min on 2 CPU cores)
+toy-model: $(STAMP)
+	$(BIN)/python -m toy.train --out assets --seed 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache
