@@ -1,0 +1,736 @@
+"""Train the toy Stable Diffusion (and its inpainting UNet) from scratch on toy.world scenes.
+
+    python -m toy.train --out assets --seed 0            # writes assets/toy-sd, assets/toy-sd-inpaint
+
+Same architecture as SD v1.x, smaller configs, trained on 2 CPU cores in about 45 minutes:
+
+* VAE (our AutoencoderKL): 128x128 RGB -> 4x32x32 latents (3 blocks, downsampling factor 4).
+  L1 + L2 reconstruction + 1e-6 KL on random 64x64 crops, then a few steps on whole images (so the
+  mid-block self-attention sees the 32x32 token grid it meets at inference). Frozen afterwards;
+  ``scaling_factor`` = 1 / std of the training latents, stored in vae/config.json.
+* Text encoder (our CLIPTextModel) with the real CLIP BPE vocabulary (49408 tokens, rebuilt from
+  the open-clip-torch wheel's bpe_simple_vocab_16e6.txt.gz), trained jointly with
+* the UNet (our UNet2DConditionModel): latent 32x32, levels 32/16/8, cross-attention at 16x16 and
+  8x8 only, so the recorded 16x16 maps are the absolute 16x16 maps InstDiffEdit uses on SD v1.4.
+  SD's noise schedule (scaled_linear 0.00085..0.012, 1000 steps) with v-prediction: at this budget
+  epsilon-prediction learned to ignore the text (the noise is predictable from the noisy latent at
+  low noise, where most of the epsilon loss is), v-prediction did not.
+  Captions: the full caption, one object's phrase ("a red circle"), the background phrase
+  ("an orange background") or empty (10%, for classifier-free guidance).
+  Token loss: trained with the diffusion loss alone for ~1600 steps (25 minutes), the model used the
+  text (colours were right) but its 16x16 word maps did not localise at all (IoU 0.09-0.15 against
+  the object masks, a centred disc scores 0.10): most attention went to the 62 padding tokens and
+  the word maps were flat. So, as TokenCompose (Wang et al., CVPR 2024) does for SD with
+  segmentation masks, a token-level grounding loss is added (weight --token-loss, default 0.2, for
+  t < 800): for every colour / shape word of an object and the background colour / "background",
+  the share of the word's 16x16 attention (mean over heads and layers, normalised over the cells)
+  that falls outside its region. This shapes only where the words' attention goes, not the maps'
+  use at inference: InstDiffEdit still reads the raw cross-attention probabilities.
+* Inpainting UNet: the same config with 9 input channels, cat([noisy latent, mask, masked-image
+  latent]) as SD's, initialised from the trained UNet (extra input channels zero), with the
+  frozen VAE and text encoder. Masks: an object's mask (dilated, or its box) with that object's
+  phrase, the background mask with the background phrase, random boxes / ellipses and the whole
+  image with the full caption, 10% empty captions. Masks live on the latent grid (4x4 pixel
+  blocks), as the pipeline's masks do.
+
+UNet and text encoder weights are EMA averages (decay 0.999 with warm-up). Everything is seeded
+from --seed; with the default step counts a run is deterministic on a given machine / thread
+count. ``--minutes-budget M`` instead sizes the UNet and inpainting step counts to fit M minutes
+from speeds measured during the run (the counts used are written to training_log.json; pass them
+back with --unet-steps / --inpaint-steps to reproduce the run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from model.clip import CLIPTextConfig, CLIPTextModel
+from model.tokenizer import Tokenizer, write_clip_vocab
+from model.unet import UNet2DConditionModel, UNetConfig
+from model.vae import AutoencoderKL, VAEConfig
+from sampler.schedule import NoiseSchedule, SchedulerConfig, add_noise, get_velocity
+from toy import world
+
+SIZE = 128  # image side
+VAE_CONFIG = dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8)
+TEXT_CONFIG = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                   num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
+UNET_CONFIG = dict(sample_size=SIZE // 4, in_channels=4, out_channels=4,
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                   block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=4,
+                   cross_attention_dim=TEXT_CONFIG["hidden_size"], norm_num_groups=16)
+SCHEDULER = SchedulerConfig(prediction_type="v_prediction")  # otherwise SD v1.4's schedule
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- data
+
+def _render(seeds):
+    out = []
+    for s in seeds:
+        scene = world.scene_from_seed(int(s))
+        img, masks, _ = world.render(scene, SIZE)  # ss=4, as the benchmark renders
+        lab = np.zeros((SIZE, SIZE), np.int8)
+        for i, m in enumerate(masks):
+            lab[m] = i + 1
+        out.append((scene, img, lab))
+    return out
+
+
+def render_scenes(n: int, seed: int):
+    """n training scenes: (scenes, images uint8 (n,H,W,3), labels int8 (n,H,W): 0 bg, i+1 object i)."""
+    seeds = np.random.default_rng([seed, 1]).integers(0, world.TRAIN_SEED_LIMIT, n)
+    chunks = np.array_split(seeds, 32)
+    with Pool(2) as pool:
+        parts = [r for chunk in pool.map(_render, chunks) for r in chunk]
+    scenes = [p[0] for p in parts]
+    return scenes, np.stack([p[1] for p in parts]), np.stack([p[2] for p in parts])
+
+
+def to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def object_phrase(o) -> str:
+    return world._a(f"{o.colour} {o.shape}")
+
+
+def background_phrase(scene) -> str:
+    return world._a(f"{scene.background} background")
+
+
+def training_caption(scene, rng) -> str:
+    """Full caption 55%, one object's phrase 25%, background phrase 10%, empty 10%."""
+    r = rng.random()
+    if r < 0.10:
+        return ""
+    if r < 0.65:
+        return world.caption(scene)
+    if r < 0.90:
+        return object_phrase(scene.objects[rng.integers(len(scene.objects))])
+    return background_phrase(scene)
+
+
+class TokenCache:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok, self.cache, self.word_cache = tokenizer, {}, {}
+
+    def words(self, caption: str):
+        if caption not in self.word_cache:
+            self.word_cache[caption] = self.tok.words(caption)
+        return self.word_cache[caption]
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        for c in captions:
+            if c not in self.cache:
+                self.cache[c] = self.tok.encode(c)[0]
+        return torch.stack([self.cache[c] for c in captions])
+
+
+# ---------------------------------------------------------------- training helpers
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(total - warmup, 1)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+class EMA:
+    def __init__(self, modules, decay=0.999):
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.n = decay, 0
+
+    @torch.no_grad()
+    def update(self):
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self):
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def ldm_init(unet: UNet2DConditionModel) -> None:
+    """LDM's zero-initialised residual branches (resnet conv2, transformer proj_out, conv_out)."""
+    for name, m in unet.named_modules():
+        if name.endswith("conv2") or name.endswith("proj_out") or name == "conv_out":
+            torch.nn.init.zeros_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+
+
+def clip_init(te: CLIPTextModel) -> None:
+    """CLIP / transformers initialisation of the embeddings (std 0.02 tokens, 0.01 positions)."""
+    torch.nn.init.normal_(te.embeddings.token_embedding.weight, std=0.02)
+    torch.nn.init.normal_(te.embeddings.position_embedding.weight, std=0.01)
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+# ---------------------------------------------------------------- phase 1: VAE
+
+def train_vae(images: np.ndarray, steps: int, full_steps: int, seed: int, log_every=50):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 2])
+    vae = AutoencoderKL(VAEConfig(**VAE_CONFIG, scaling_factor=1.0))
+    with torch.no_grad():  # start with a near-deterministic posterior (std ~0.007), where training ends up anyway
+        vae.quant_conv.bias[VAE_CONFIG["latent_channels"]:] = -10.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    total, hist, t = steps + full_steps, [], Timer()
+    for step in range(total):
+        full = step >= steps
+        bs, crop = (8, SIZE) if full else (16, 64)
+        idx = rng.integers(len(images), size=bs)
+        y0, x0 = rng.integers(0, SIZE - crop + 1, 2)
+        x = to_tensor(images[idx, y0:y0 + crop, x0:x0 + crop])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, 1e-3, 50)
+        post = vae.encode(x)
+        rec = vae.decode(post.sample())
+        l1 = (rec - x).abs().mean()
+        mse = ((rec - x) ** 2).mean()
+        kl = 0.5 * (post.mean ** 2 + post.std ** 2 - 1 - post.logvar).sum((1, 2, 3)).mean()
+        loss = l1 + mse + 1e-6 * kl / x[0].numel()  # SD's 1e-6 weight on per-sample sums
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist.append(l1.item())
+        if step % log_every == 0 or step == total - 1:
+            log(f"vae {step}/{total} l1 {np.mean(hist[-log_every:]):.4f} kl {kl.item():.1f} ({t():.0f}s)")
+    vae.eval().requires_grad_(False)
+    return vae, {"steps": total, "crop_steps": steps, "full_steps": full_steps, "batch_crop": 16,
+                 "batch_full": 8, "final_l1": float(np.mean(hist[-50:])), "seconds": round(t(), 1)}
+
+
+@torch.no_grad()
+def encode_all(vae, images: np.ndarray, bs=64) -> torch.Tensor:
+    """Posterior means (unscaled) of uint8 images, in batches."""
+    return torch.cat([vae.encode(to_tensor(images[i:i + bs])).mean for i in range(0, len(images), bs)])
+
+
+# ---------------------------------------------------------------- phase 2: UNet + text encoder
+
+def diffusion_loss(unet, z0, ctx, acp, gen, extra=None, recorder=None):
+    """v-prediction MSE at uniform timesteps; also returns the timesteps."""
+    t = torch.randint(0, len(acp), (z0.shape[0],), generator=gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    x = add_noise(z0, noise, t, acp)
+    if extra is not None:
+        x = torch.cat([x, extra], dim=1)
+    return F.mse_loss(unet(x, t, ctx, recorder=recorder), get_velocity(z0, noise, t, acp)), t
+
+
+class GradRecorder:
+    """Keeps the 16x16 cross-attention probabilities inside the autograd graph (for the token loss)."""
+
+    def __init__(self, hw=(16, 16)):
+        self.hw, self.probs = hw, []
+
+    def wants(self, name, hw):
+        return tuple(hw) == self.hw
+
+    def record(self, name, probs):
+        self.probs.append(probs)
+
+
+def word_targets(scene, words) -> list[tuple[list[int], int]]:
+    """(token positions, region) for every word of a caption that names a region of the scene:
+    an object's colour or shape word -> object i (region i + 1); the background colour and the
+    word "background" -> region 0. Articles and conjunctions are left alone."""
+    names = {}
+    for i, o in enumerate(scene.objects):
+        names[o.colour] = names[o.shape] = i + 1
+    names[scene.background] = names["background"] = 0
+    return [(pos, names[w]) for w, pos in words if w in names]
+
+
+def grounding_losses(probs: list[torch.Tensor], cov: torch.Tensor, targets, keep: torch.Tensor):
+    """TokenCompose's two grounding losses (Wang et al., CVPR 2024) on the 16x16 maps InstDiffEdit reads.
+
+    probs: per layer (B, heads, 256, 77); cov: (B, regions, 256) fraction of each 16x16 cell covered
+    by each region; targets[b]: word_targets of sample b; keep: (B,) bool, samples to supervise.
+    Maps are the mean over heads and layers.
+    * token loss: for each named word, the share of its attention (normalised over the cells) that
+      falls outside its region;
+    * pixel loss: binary cross-entropy between the attention probability a cell gives to the words
+      naming a region (summed over those words) and the cell's coverage by that region. Without it
+      the token loss alone is gamed: the words' maps shrink to near-zero mass with a few spikes.
+    """
+    a = torch.stack(probs).mean((0, 2))  # (B, 256, 77)
+    an = a / a.sum(1, keepdim=True).clamp_min(1e-8)  # each token's map as a distribution over cells
+    tok, pix = [], []
+    for b, tg in enumerate(targets):
+        if not keep[b]:
+            continue
+        regions = {}
+        for pos, region in tg:
+            tok.append(1 - (an[b][:, pos].mean(1) * cov[b, region]).sum())
+            regions.setdefault(region, []).extend(pos)
+        for region, pos in regions.items():
+            p = a[b][:, sorted(set(pos))].sum(1).clamp(1e-6, 1 - 1e-6)
+            pix.append(F.binary_cross_entropy(p, cov[b, region]))
+    zero = a.sum() * 0
+    return (torch.stack(tok).mean() if tok else zero), (torch.stack(pix).mean() if pix else zero)
+
+
+def region_cover(labels: np.ndarray) -> torch.Tensor:
+    """uint8/int8 label maps (B, 128, 128) -> (B, 1 + MAX_OBJECTS, 256): coverage of each 16x16 cell."""
+    lab = torch.from_numpy(labels.astype(np.int64))
+    onehot = F.one_hot(lab, 1 + world.MAX_OBJECTS).permute(0, 3, 1, 2).float()
+    return F.avg_pool2d(onehot, SIZE // 16).flatten(2)
+
+
+def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, budget_s=None, log_every=50,
+               token_weight=0.1, token_max_t=800, init=None):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 3)
+    rng = np.random.default_rng([seed, 3])
+    unet = UNet2DConditionModel(UNetConfig(**UNET_CONFIG))
+    te = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    ldm_init(unet)
+    clip_init(te)
+    if init is not None:  # (experiments) continue from trained weights
+        unet.load_state_dict(init[0].state_dict())
+        te.load_state_dict(init[1].state_dict())
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema = EMA([unet, te])
+    acp = NoiseSchedule(SCHEDULER).alphas_cumprod
+    hist, thist, phist, t = [], [], [], Timer()
+    step = 0
+    while step < steps:
+        idx = torch.from_numpy(rng.integers(len(latents), size=bs))
+        caps = [training_caption(scenes[int(i)], rng) for i in idx]
+        ids = tokens(caps)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, 100)
+        rec = GradRecorder() if token_weight > 0 else None
+        loss, tt = diffusion_loss(unet, latents[idx], te(ids), acp, gen, recorder=rec)
+        total = loss
+        if rec is not None:
+            targets = [word_targets(scenes[int(i)], tokens.words(c)) for i, c in zip(idx, caps)]
+            cov = region_cover(labels[idx.numpy()])
+            tl, pl = grounding_losses(rec.probs, cov, targets, tt < token_max_t)
+            total = loss + token_weight * (tl + pl)
+            thist.append(tl.item())
+            phist.append(pl.item())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        hist.append(loss.item())
+        step += 1
+        if budget_s is not None and step == 30:  # size the run from the measured speed
+            steps = max(200, int(budget_s / (t() / 30)))
+            log(f"unet: {t() / 30:.2f}s/step -> {steps} steps for {budget_s:.0f}s")
+        if step % log_every == 0 or step == steps:
+            log(f"unet {step}/{steps} loss {np.mean(hist[-log_every:]):.4f} "
+                f"token {np.mean(thist[-log_every:]) if thist else 0:.4f} "
+                f"pixel {np.mean(phist[-log_every:]) if phist else 0:.4f} ({t():.0f}s)")
+    ema.copy_to()
+    unet.eval().requires_grad_(False)
+    te.eval().requires_grad_(False)
+    return unet, te, {"steps": steps, "batch": bs, "lr": lr, "final_loss": float(np.mean(hist[-100:])),
+                      "token_loss_weight": token_weight, "token_loss_max_t": token_max_t,
+                      "final_token_loss": float(np.mean(thist[-100:])) if thist else None,
+                      "token_loss_first_100": float(np.mean(thist[:100])) if thist else None,
+                      "final_pixel_loss": float(np.mean(phist[-100:])) if phist else None,
+                      "pixel_loss_first_100": float(np.mean(phist[:100])) if phist else None,
+                      "loss_first_100": float(np.mean(hist[:100])), "seconds": round(t(), 1)}
+
+
+# ---------------------------------------------------------------- phase 3: inpainting UNet
+
+def _dilate(m: torch.Tensor, r: int) -> torch.Tensor:
+    return F.max_pool2d(m[None, None].float(), 2 * r + 1, 1, r)[0, 0] > 0.5 if r > 0 else m
+
+
+def make_inpaint_mask(scene, lab: np.ndarray, rng):
+    """-> (latent-grid mask (H/4, W/4) bool, kind, object index or None)."""
+    n = len(scene.objects)
+    r = rng.random()
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    if r < 0.40:
+        kind, obj = "object", int(rng.integers(n))
+        m = torch.from_numpy(lab == obj + 1)
+        if rng.random() < 0.3 and m.any():  # the object's bounding box, loosened
+            ys, xs = np.nonzero(lab == obj + 1)
+            pad = rng.integers(0, 10, 4)
+            box = np.zeros((SIZE, SIZE), bool)
+            box[max(ys.min() - pad[0], 0):ys.max() + pad[1] + 1, max(xs.min() - pad[2], 0):xs.max() + pad[3] + 1] = True
+            m = torch.from_numpy(box)
+        else:
+            m = _dilate(m, int(rng.integers(0, 9)))
+    elif r < 0.55:
+        kind, obj, m = "background", None, torch.from_numpy(lab == 0)
+    elif r < 0.90:
+        kind, obj = "random", None
+        m = np.zeros((SIZE, SIZE), bool)
+        for _ in range(rng.integers(1, 4)):
+            cx, cy = rng.uniform(0, SIZE, 2)
+            w, h = rng.uniform(12, 70, 2)
+            if rng.random() < 0.5:
+                m |= (np.abs(xx - cx) < w / 2) & (np.abs(yy - cy) < h / 2)
+            else:
+                m |= ((xx - cx) / (w / 2)) ** 2 + ((yy - cy) / (h / 2)) ** 2 < 1
+        m = torch.from_numpy(m)
+    else:
+        kind, obj, m = "full", None, torch.ones(SIZE, SIZE, dtype=torch.bool)
+    lm = F.avg_pool2d(m[None, None].float(), 4)[0, 0] > 0.5  # on the latent grid, as the pipeline's masks
+    if not lm.any():
+        lm[SIZE // 8, SIZE // 8] = True
+    return lm, kind, obj
+
+
+def inpaint_caption(scene, kind, obj, rng) -> str:
+    r = rng.random()
+    if r < 0.10:
+        return ""
+    if kind == "object" and r < 0.85:
+        return object_phrase(scene.objects[obj])
+    if kind == "background" and r < 0.85:
+        return background_phrase(scene)
+    return world.caption(scene)
+
+
+@torch.no_grad()
+def inpaint_data(vae, scale, images, labels, scenes, n, seed, bs=64):
+    """n (scene index, latent mask, masked-image latent, kind, object) examples, each encoded once."""
+    rng = np.random.default_rng([seed, 4])
+    idx = rng.choice(len(images), n, replace=False)
+    masks, kinds, objs = [], [], []
+    for i in idx:
+        lm, kind, obj = make_inpaint_mask(scenes[i], labels[i], rng)
+        masks.append(lm)
+        kinds.append(kind)
+        objs.append(obj)
+    masks = torch.stack(masks)[:, None].float()  # (n, 1, 32, 32)
+    masked = []
+    for s in range(0, n, bs):
+        x = to_tensor(images[idx[s:s + bs]])
+        pm = F.interpolate(masks[s:s + bs], size=(SIZE, SIZE), mode="nearest")
+        masked.append(vae.encode(x * (pm < 0.5)).mean * scale)
+    return idx, masks, torch.cat(masked), kinds, objs
+
+
+def train_inpaint(main_unet, te, latents, scenes, data, tokens, steps, seed, bs=32, lr=5e-4, budget_s=None,
+                  log_every=50):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 5)
+    rng = np.random.default_rng([seed, 5])
+    idx, masks, masked, kinds, objs = data
+    unet = UNet2DConditionModel(UNetConfig(**{**UNET_CONFIG, "in_channels": 9}))
+    sd = {k: v.clone() for k, v in main_unet.state_dict().items()}
+    w = torch.zeros_like(unet.conv_in.weight)
+    w[:, :4] = sd["conv_in.weight"]  # SD inpainting's init: extra input channels start at zero
+    sd["conv_in.weight"] = w
+    unet.load_state_dict(sd, strict=True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    ema = EMA([unet])
+    acp = NoiseSchedule(SCHEDULER).alphas_cumprod
+    hist, t = [], Timer()
+    step = 0
+    while step < steps:
+        j = rng.integers(len(idx), size=bs)
+        caps = [inpaint_caption(scenes[idx[k]], kinds[k], objs[k], rng) for k in j]
+        j = torch.from_numpy(j)
+        with torch.no_grad():
+            ctx = te(tokens(caps))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, 50)
+        extra = torch.cat([masks[j], masked[j]], dim=1)
+        loss, _ = diffusion_loss(unet, latents[torch.from_numpy(idx)[j]], ctx, acp, gen, extra)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.update()
+        hist.append(loss.item())
+        step += 1
+        if budget_s is not None and step == 30:
+            steps = max(200, int(budget_s / (t() / 30)))
+            log(f"inpaint: {t() / 30:.2f}s/step -> {steps} steps for {budget_s:.0f}s")
+        if step % log_every == 0 or step == steps:
+            log(f"inpaint {step}/{steps} loss {np.mean(hist[-log_every:]):.4f} ({t():.0f}s)")
+    ema.copy_to()
+    unet.eval().requires_grad_(False)
+    return unet, {"steps": steps, "batch": bs, "lr": lr, "final_loss": float(np.mean(hist[-100:])),
+                  "loss_first_100": float(np.mean(hist[:100])), "seconds": round(t(), 1)}
+
+
+# ---------------------------------------------------------------- quick check: do the 16x16 maps localise?
+
+class Recorder:
+    """Collects the 16x16 cross-attention probabilities (mean over heads and layers)."""
+
+    def __init__(self, hw=(16, 16)):
+        self.hw, self.sum, self.n = hw, None, 0
+
+    def wants(self, name, hw):
+        return tuple(hw) == self.hw
+
+    def record(self, name, probs):
+        m = probs.float().mean(1)  # (B, pixels, tokens)
+        self.sum = m if self.sum is None else self.sum + m
+        self.n += 1
+
+    def maps(self):
+        return (self.sum / self.n).transpose(1, 2).unflatten(2, self.hw)  # (B, tokens, 16, 16)
+
+
+@torch.no_grad()
+def localisation_check(unet, te, vae, tokenizer, n=50, t=500, seed=0):
+    """Mean IoU between the thresholded (0.5 of max) 16x16 map of a word, upsampled to 128, and the
+    object's true mask, over the objects of n held-out scenes (benchmark seeds). Prompts: the full
+    caption, and the object's own phrase."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    acp = NoiseSchedule(SCHEDULER).alphas_cumprod
+    res = {"shape_word_full_caption": [], "colour_word_full_caption": [], "shape_word_object_phrase": [],
+           "centred_disc_baseline": []}
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    disc = torch.from_numpy((xx - SIZE / 2 + 0.5) ** 2 + (yy - SIZE / 2 + 0.5) ** 2 < (0.35 * SIZE / 2) ** 2)
+
+    def iou(a, b):
+        return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
+
+    for i in range(n):
+        scene = world.scene_from_seed(world.BENCHMARK_SEED + i)
+        img, masks, _ = world.render(scene, SIZE)
+        z0 = vae.encode(to_tensor(img[None])).mean * vae.config.scaling_factor
+        noise = torch.randn(z0.shape, generator=gen)
+        x = add_noise(z0, noise, t, acp)
+        prompts = [world.caption(scene)] + [object_phrase(o) for o in scene.objects]
+        rec = Recorder()
+        unet(x.expand(len(prompts), -1, -1, -1), t, te(tokenizer.encode(prompts)), recorder=rec)
+        maps = rec.maps()
+
+        def word_mask(p, word):
+            pos = [ps for w, ps in tokenizer.words(prompts[p]) if w == word][0]
+            m = maps[p, pos].mean(0)
+            m = F.interpolate(m[None, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0]
+            return m >= 0.5 * m.max()
+
+        for k, o in enumerate(scene.objects):
+            gt = torch.from_numpy(masks[k])
+            res["shape_word_full_caption"].append(iou(word_mask(0, o.shape), gt))
+            res["colour_word_full_caption"].append(iou(word_mask(0, o.colour), gt))
+            res["shape_word_object_phrase"].append(iou(word_mask(1 + k, o.shape), gt))
+            res["centred_disc_baseline"].append(iou(disc, gt))
+    return {k: round(float(np.mean(v)), 4) for k, v in res.items()} | {"objects": len(res["centred_disc_baseline"]),
+                                                                         "scenes": n, "t": t}
+
+
+# ---------------------------------------------------------------- writing the folders
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _save(module, path: Path, prefix: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {prefix + k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+    for k, v in sd.items():
+        if not torch.isfinite(v).all():
+            raise RuntimeError(f"{k} overflows fp16")
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+
+def unet_config_json(in_channels: int) -> dict:
+    cfg = UNetConfig(**{**UNET_CONFIG, "in_channels": in_channels}).to_dict()
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+    return {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0", "act_fn": "silu",
+            "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1, **cfg}
+
+
+def save_main(out: Path, unet, te, vae, tokenizer_dir: Path) -> None:
+    """assets/toy-sd in the CompVis/stable-diffusion-v1-4 diffusers layout."""
+    _write_json(out / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]})
+    _write_json(out / "unet" / "config.json", unet_config_json(4))
+    _save(unet, out / "unet" / "diffusion_pytorch_model.safetensors")
+    vc = vae.config
+    _write_json(out / "vae" / "config.json", {
+        "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0", "act_fn": "silu",
+        "block_out_channels": list(vc.block_out_channels),
+        "down_block_types": ["DownEncoderBlock2D"] * len(vc.block_out_channels), "in_channels": 3,
+        "latent_channels": vc.latent_channels, "layers_per_block": vc.layers_per_block,
+        "norm_num_groups": vc.norm_num_groups, "out_channels": 3, "sample_size": SIZE,
+        "scaling_factor": round(float(vc.scaling_factor), 6),
+        "up_block_types": ["UpDecoderBlock2D"] * len(vc.block_out_channels)})
+    _save(vae, out / "vae" / "diffusion_pytorch_model.safetensors")
+    _write_json(out / "text_encoder" / "config.json", {
+        "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+        "eos_token_id": 2, "initializer_factor": 1.0, "initializer_range": 0.02, "layer_norm_eps": 1e-05,
+        "model_type": "clip_text_model", "pad_token_id": 1, "projection_dim": TEXT_CONFIG["hidden_size"],
+        "torch_dtype": "float16", **TEXT_CONFIG})
+    _save(te, out / "text_encoder" / "model.safetensors", prefix="text_model.")
+    tok = out / "tokenizer"
+    tok.mkdir(parents=True, exist_ok=True)
+    for f in ("vocab.json", "merges.txt"):
+        (tok / f).write_bytes((tokenizer_dir / f).read_bytes())
+    special = {"content": None, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+    bos, eos = {**special, "content": "<|startoftext|>"}, {**special, "content": "<|endoftext|>"}
+    _write_json(tok / "special_tokens_map.json",
+                {"bos_token": bos, "eos_token": eos, "pad_token": "<|endoftext|>", "unk_token": eos})
+    _write_json(tok / "tokenizer_config.json", {
+        "add_prefix_space": False, "bos_token": {"__type": "AddedToken", **bos}, "do_lower_case": True,
+        "eos_token": {"__type": "AddedToken", **eos}, "errors": "replace", "model_max_length": 77,
+        "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer",
+        "unk_token": {"__type": "AddedToken", **eos}})
+    sched = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.30.0", **{
+        k: v for k, v in SCHEDULER.to_dict().items()
+        if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "set_alpha_to_one",
+                 "steps_offset", "clip_sample", "prediction_type")}, "skip_prk_steps": True, "trained_betas": None}
+    _write_json(out / "scheduler" / "scheduler_config.json", dict(sorted(sched.items())))
+
+
+def save_inpaint(out: Path, unet) -> None:
+    """assets/toy-sd-inpaint: only the 9-channel UNet (VAE, text encoder, tokenizer: toy-sd's)."""
+    _write_json(out / "model_index.json", {
+        "_class_name": "StableDiffusionInpaintPipeline", "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DConditionModel"]})
+    _write_json(out / "unet" / "config.json", unet_config_json(9))
+    _save(unet, out / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def find_clip_bpe() -> Path:
+    import importlib.util
+    spec = importlib.util.find_spec("open_clip")  # located, never imported (it imports torchvision)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the CLIP vocabulary comes from the open-clip-torch wheel: pip install --no-deps open-clip-torch")
+    return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="assets", help="writes OUT/toy-sd and OUT/toy-sd-inpaint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenes", type=int, default=10000, help="training scenes rendered and encoded once")
+    p.add_argument("--vae-steps", type=int, default=1800, help="VAE steps on 64x64 crops (batch 16)")
+    p.add_argument("--vae-full-steps", type=int, default=150, help="then VAE steps on whole images (batch 8)")
+    p.add_argument("--vae-from", default=None, help="load the VAE from this toy-sd folder instead of training it")
+    p.add_argument("--unet-steps", type=int, default=1800)
+    p.add_argument("--token-loss", type=float, default=0.2,
+                   help="weight of the token + pixel grounding losses on the 16x16 maps (0: off)")
+    p.add_argument("--inpaint-examples", type=int, default=6000, help="masked images encoded for inpainting")
+    p.add_argument("--inpaint-steps", type=int, default=1000)
+    p.add_argument("--minutes-budget", type=float, default=None,
+                   help="size the UNet / inpainting step counts to finish in about this many minutes")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 because on a shared 2-core machine a 2-thread OpenMP run slows ~20x whenever another process takes a core")
+    p.add_argument("--check-scenes", type=int, default=50, help="held-out scenes for the localisation check")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    clock, phases = Timer(), {}
+    out_main, out_inp = Path(a.out) / "toy-sd", Path(a.out) / "toy-sd-inpaint"
+
+    tok_dir = write_clip_vocab(find_clip_bpe(), Path("runs") / "clip-vocab")
+    tokenizer = Tokenizer.from_folder(tok_dir)
+    tokens = TokenCache(tokenizer)
+
+    t = Timer()
+    scenes, images, labels = render_scenes(a.scenes, a.seed)
+    phases["render"] = {"scenes": a.scenes, "seconds": round(t(), 1)}
+    log(f"rendered {a.scenes} scenes in {t():.0f}s")
+
+    if a.vae_from:  # a VAE trained earlier (by this script with the same seed): skip phase 1
+        from weights import load
+        vae = load(a.vae_from, components=("vae",)).vae
+        phases["vae"] = {"reused_from": a.vae_from}
+    else:
+        vae, phases["vae"] = train_vae(images, a.vae_steps, a.vae_full_steps, a.seed)
+    t = Timer()
+    z = encode_all(vae, images)
+    scale = 1.0 / float(z.std())
+    vae.config.scaling_factor = scale
+    latents = z * scale
+    rec = vae.decode(z[:64])
+    phases["encode"] = {"seconds": round(t(), 1), "latent_std_unscaled": float(z.std()), "scaling_factor": scale,
+                        "latent_channel_means_scaled": [round(float(v), 3) for v in latents.mean((0, 2, 3))],
+                        "recon_l1_64_train_images": float((rec - to_tensor(images[:64])).abs().mean())}
+    log(f"encoded latents in {t():.0f}s, scaling_factor {scale:.4f}")
+
+    budget = None if a.minutes_budget is None else a.minutes_budget * 60
+    remaining = None if budget is None else budget - clock() - 60 - 0.03 * a.inpaint_examples
+    unet, te, phases["unet"] = train_unet(latents, scenes, labels, tokens, a.unet_steps, a.seed,
+                                          token_weight=a.token_loss, budget_s=None if remaining is None else 0.64 * remaining)
+    save_main(out_main, unet, te, vae, tok_dir)
+
+    t = Timer()
+    data = inpaint_data(vae, scale, images, labels, scenes, a.inpaint_examples, a.seed)
+    phases["inpaint_data"] = {"examples": a.inpaint_examples, "seconds": round(t(), 1),
+                              "kinds": {k: data[3].count(k) for k in ("object", "background", "random", "full")}}
+    remaining = None if budget is None else budget - clock() - 60
+    inp, phases["inpaint"] = train_inpaint(unet, te, latents, scenes, data, tokens, a.inpaint_steps, a.seed,
+                                           budget_s=remaining)
+    save_inpaint(out_inp, inp)
+
+    t = Timer()
+    check = localisation_check(unet, te, vae, tokenizer, n=a.check_scenes, seed=a.seed)
+    phases["localisation_check"] = {"seconds": round(t(), 1)}
+    log(f"localisation check: {check}")
+
+    n_params = {name: sum(p.numel() for p in m.parameters())
+                for name, m in (("unet", unet), ("inpaint_unet", inp), ("text_encoder", te), ("vae", vae))}
+    sizes = {str(f.relative_to(a.out)): f.stat().st_size for d in (out_main, out_inp) for f in sorted(d.rglob("*"))
+             if f.is_file()}
+    report = {
+        "command": "python -m toy.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seed": a.seed, "wall_seconds": round(clock(), 1),
+        "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "phases": phases, "parameters": n_params, "bytes_on_disk": sizes,
+        "bytes_total": sum(sizes.values()), "attention_localisation": check,
+        "configs": {"vae": VAE_CONFIG, "unet": UNET_CONFIG, "text_encoder": TEXT_CONFIG,
+                    "scheduler": SCHEDULER.to_dict()},
+    }
+    _write_json(out_main / "training_log.json", report)
+    log(f"done in {clock() / 60:.1f} min; {report['bytes_total'] / 1e6:.1f} MB written")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    main()
