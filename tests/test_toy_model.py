@@ -41,8 +41,8 @@ def test_mask_iou_on_benchmark_subset(toy, one_thread):
 def test_demo_command_writes_every_file(tmp_path, one_thread):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "demo"
-    assert main(["--image", str(root / "assets" / "examples" / "scene.png"), "--edit", "a blue circle",
+    assert main(["--image", str(root / "assets" / "examples" / "scene.png"), "--edit", "a yellow background",
                  "--model", "toy", "--out", str(out), "--save-attention", "--quiet"]) == 0
     for name in ("edited.png", "mask.png", "soft_mask.png", "overlay.png", "attention.png", "run.json"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "run.json").read_text())["words"] == ["<sot>", "a", "blue", "circle", "<eot>"]
+    assert json.loads((out / "run.json").read_text())["words"] == ["<sot>", "a", "yellow", "background", "<eot>"]
