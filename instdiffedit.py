@@ -526,7 +526,8 @@ def run(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
 
     tic = time.perf_counter()
-    pipe = InstDiffEdit.from_pretrained(model, inpaint_model if opts.inpaint else None, device, dtype, args.compile)
+    needs_inpaint = opts.inpaint and (opts.method != "sdedit" or user_mask is not None)  # SDEdit needs no mask finish
+    pipe = InstDiffEdit.from_pretrained(model, inpaint_model if needs_inpaint else None, device, dtype, args.compile)
     load_s = time.perf_counter() - tic
     tokens = pipe.tokenizer._body(args.edit)[1]  # the uncut count (tokens() is already cut to 75)
     if tokens > 75:
@@ -547,7 +548,7 @@ def run(args) -> int:
             attention_grid(res.words, res.word_maps, res.P).save(tmp / "attention.png")
         record = {
             "image": str(image), "edit": args.edit, "model": model,
-            "inpaint_model": inpaint_model if opts.inpaint else None, "mask_file": args.mask,
+            "inpaint_model": inpaint_model if needs_inpaint else None, "mask_file": args.mask,
             "options": asdict(opts), "device": str(pipe.device), "dtype": str(dtype).removeprefix("torch."),
             "compile": args.compile, "words": res.words, "P": res.P,
             "timings_s": {"load": round(load_s, 3), **{k: round(v, 3) for k, v in res.timings.items()},
