@@ -231,8 +231,7 @@ class InstDiffEdit:
         if extra is not None:  # inpainting: mask and masked-image latents as extra channels
             inp = torch.cat([inp, torch.cat([extra, extra])], dim=1)
         ctx = emb.repeat_interleave(n, dim=0)  # [uncond x n, cond x n]
-        out = unet(inp, t, ctx, recorder=recorder) if recorder is not None else unet(inp, t, ctx)
-        uncond, cond = out.chunk(2)
+        uncond, cond = unet(inp, t, ctx, recorder=recorder).chunk(2)
         return cfg(uncond, cond, guidance)
 
     def _generator(self, seed: int) -> torch.Generator:
