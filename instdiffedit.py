@@ -251,9 +251,9 @@ class InstDiffEdit:
 
     @torch.no_grad()
     def _stage1(self, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generator,
-                progress: bool = False) -> MaskOutput:
+                progress: bool = False, emb: torch.Tensor | None = None) -> MaskOutput:
         words = self.tokenizer.words(edit)  # [(word, [token positions])], positions count SOT as 0
-        emb = self.encode_text(edit)
+        emb = self.encode_text(edit) if emb is None else emb
         sampler, start, z0, eps, x = self._noised(x0, o, gen, o.rounds)
         h, w = z0.shape[-2:]
         if h % o.attention_res or w % o.attention_res:
@@ -280,36 +280,37 @@ class InstDiffEdit:
     # -- baselines on the same models, samplers and seeds (paper Table 1)
 
     @torch.no_grad()
-    def _sdedit(self, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generator,
+    def _sdedit(self, x0: torch.Tensor, emb: torch.Tensor, o: EditOptions, gen: torch.Generator,
                 progress: bool = False) -> torch.Tensor:
         """SDEdit (Meng et al. 2022): noise to strength r, denoise with the edit text, no mask."""
-        emb = self.encode_text(edit)
         sampler, start, _, _, x = self._noised(x0, o, gen, 1)
         for i in _progress(range(start, len(sampler.timesteps)), progress, "sdedit"):
             x = sampler.step(self._unet_cfg(self.unet, sampler, x, i, sampler.timesteps[i], emb, o.guidance), i, x)
         return self.decode(x)
 
     @torch.no_grad()
-    def _diffedit(self, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generator) -> DiffEditMask:
+    def _diffedit(self, x0: torch.Tensor, emb: torch.Tensor, o: EditOptions, gen: torch.Generator) -> DiffEditMask:
         """DiffEdit's mask: noise predictions under the source and the edit text differ where the edit goes."""
         sampler, start, _, _, x = self._noised(x0, o, gen, o.diffedit_samples)
         t = sampler.timesteps[start]
         pred_source = self._unet_cfg(self.unet, sampler, x, start, t, self.encode_text(o.source), o.guidance)
-        pred_edit = self._unet_cfg(self.unet, sampler, x, start, t, self.encode_text(edit), o.guidance)
+        pred_edit = self._unet_cfg(self.unet, sampler, x, start, t, emb, o.guidance)
         return diffedit_mask(pred_source, pred_edit, o.diffedit_ratio, o.diffedit_blur or None)
 
     # -- stage 2: inpainting finish
 
     @torch.no_grad()
-    def inpaint(self, x0: torch.Tensor, mask: torch.Tensor, prompt: str, o: EditOptions,
+    def inpaint(self, x0: torch.Tensor, mask: torch.Tensor, prompt: str | torch.Tensor, o: EditOptions,
                 gen: torch.Generator, progress: bool = False) -> torch.Tensor:
-        """SD inpainting from pure noise: UNet input = [noisy latents, latent mask, masked-image latents]."""
+        """SD inpainting from pure noise: UNet input = [noisy latents, latent mask, masked-image latents].
+
+        `prompt` is the text or its encode_text embedding (edit() passes the one stage 1 used)."""
         if self.inpaint_unet is None:
             raise EditError("no inpainting model loaded (pass inpaint_model, or use --no-inpaint)")
         m = mask.to(self.device, self.dtype)[None, None]  # (1, 1, h, w) at latent size
         m_img = F.interpolate(m, size=x0.shape[-2:], mode="nearest")
         masked = self.encode_image(x0 * (m_img < 0.5))
-        emb = self.encode_text(prompt)
+        emb = self.encode_text(prompt) if isinstance(prompt, str) else prompt
         sampler = make_sampler(o.sampler, self.scheduler_config)
         sampler.set_timesteps(o.steps, self.device)
         x = torch.randn(masked.shape, generator=gen).to(self.device, self.dtype) * sampler.init_noise_sigma
@@ -342,24 +343,25 @@ class InstDiffEdit:
         gen = self._generator(o.seed)
         timings: dict[str, float] = {}
         tic = _clock(self.device)
+        emb = self.encode_text(edit)  # once: stage 1 and the finish share it
         h, w = (s // self.vae_factor for s in x0.shape[-2:])
         soft, P, words, maps, st1 = None, [], [], torch.zeros(0, h, w), None
         if mask is not None:
             m = F.interpolate(mask.float()[None, None], size=(h, w), mode="area")[0, 0].to(self.device) > 0.5
         elif o.method == "instdiffedit":
-            st1 = self._stage1(x0, edit, o, gen, progress)
+            st1 = self._stage1(x0, edit, o, gen, progress, emb)
             m, soft, P, words, maps = st1.mask, st1.soft, [int(v) for v in st1.P.tolist()], st1.words, st1.word_maps
         elif o.method == "diffedit":
-            de = self._diffedit(x0, edit, o, gen)
+            de = self._diffedit(x0, emb, o, gen)
             m, soft = de.mask, de.soft
         else:  # sdedit: no mask, the whole image may change
             m = torch.ones(h, w, dtype=torch.bool, device=self.device)
         timings["mask_s"] = _clock(self.device) - tic
         tic = _clock(self.device)
         if o.method == "sdedit" and mask is None:
-            out = self._sdedit(x0, edit, o, gen, progress)[0]
+            out = self._sdedit(x0, emb, o, gen, progress)[0]
         elif o.inpaint:
-            out = self.inpaint(x0, m, edit, o, gen, progress)[0]
+            out = self.inpaint(x0, m, emb, o, gen, progress)[0]
         else:
             if st1 is None:
                 raise EditError("--no-inpaint decodes InstDiffEdit's Eq. 5 result: it needs the instdiffedit "

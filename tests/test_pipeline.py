@@ -230,6 +230,25 @@ def test_seed_drives_the_stage1_noise_and_the_inpainting_noise(pipe):
     assert not torch.equal(i1, i2)
 
 
+def test_edit_encodes_the_text_once_and_equals_the_two_stages_run_apart(pipe):
+    """edit() hands stage 1's text embedding to the finish; the result is what the stages give alone."""
+    img = _pil(6)
+    o = EditOptions(steps=4, rounds=2, attention_res=RES, seed=9)
+    calls = []
+    hook = pipe.text_encoder.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape))
+    try:
+        res = pipe.edit(img, "a red kite", steps=4, rounds=2, attention_res=RES, seed=9)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    x0 = instdiffedit.to_tensor(img, pipe.size, pipe.device, pipe.dtype)
+    gen = pipe._generator(9)
+    st1 = pipe._stage1(x0, "a red kite", o, gen)
+    out = pipe.inpaint(x0, st1.mask, "a red kite", o, gen)[0]
+    apart = instdiffedit.to_pil(out).resize(img.size, Image.BICUBIC)
+    assert res.image.tobytes() == apart.tobytes()
+
+
 # ---------------------------------------------------------------- 4. multi-token words
 
 def test_multi_token_word_is_one_entry(pipe, monkeypatch):
