@@ -51,6 +51,7 @@ import platform
 import sys
 import time
 from multiprocessing import Pool
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,26 @@ def training_caption(scene, rng) -> str:
     if r < 0.90:
         return object_phrase(scene.objects[rng.integers(len(scene.objects))])
     return background_phrase(scene)
+
+
+def edit_phrase(scene, rng) -> tuple[str, int]:
+    """An edit text for this scene and the region it points at (0 = background, i + 1 = object i).
+
+    Built as toy.world.make_edit_case builds the benchmark's (other seeds): an object phrase with one
+    attribute changed to a value absent from the scene, the other attribute naming the target, or a
+    background phrase with a new colour. The text does not describe the image, so these samples train
+    only the grounding losses (see train_unet), never the diffusion loss."""
+    objs = scene.objects
+    k = int(rng.integers(len(objs) + 1))
+    used = {o.colour for o in objs} | {scene.background}
+    new_colour = lambda: str(rng.choice([c for c in world.COLOURS if c not in used]))  # noqa: E731
+    if k == len(objs):
+        return background_phrase(replace(scene, background=new_colour())), 0
+    o = objs[k]
+    if rng.random() < 0.5:
+        return world._a(f"{new_colour()} {o.shape}"), k + 1
+    shape = str(rng.choice([s for s in world.SHAPES if s not in {p.shape for p in objs}]))
+    return world._a(f"{o.colour} {shape}"), k + 1
 
 
 class TokenCache:
@@ -238,14 +259,18 @@ def encode_all(vae, images: np.ndarray, bs=64) -> torch.Tensor:
 
 # ---------------------------------------------------------------- phase 2: UNet + text encoder
 
-def diffusion_loss(unet, z0, ctx, acp, gen, extra=None, recorder=None):
-    """v-prediction MSE at uniform timesteps; also returns the timesteps."""
+def diffusion_loss(unet, z0, ctx, acp, gen, extra=None, recorder=None, weight=None):
+    """v-prediction MSE at uniform timesteps (weight: (B,) per-sample weights); also returns the timesteps."""
     t = torch.randint(0, len(acp), (z0.shape[0],), generator=gen)
     noise = torch.randn(z0.shape, generator=gen)
     x = add_noise(z0, noise, t, acp)
     if extra is not None:
         x = torch.cat([x, extra], dim=1)
-    return F.mse_loss(unet(x, t, ctx, recorder=recorder), get_velocity(z0, noise, t, acp)), t
+    pred, target = unet(x, t, ctx, recorder=recorder), get_velocity(z0, noise, t, acp)
+    if weight is None:
+        return F.mse_loss(pred, target), t
+    per_sample = (pred - target).pow(2).mean((1, 2, 3))
+    return (per_sample * weight).sum() / weight.sum().clamp_min(1), t
 
 
 class GradRecorder:
@@ -309,7 +334,7 @@ def region_cover(labels: np.ndarray) -> torch.Tensor:
 
 
 def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, budget_s=None, log_every=50,
-               token_weight=0.1, pixel_weight=0.1, token_max_t=800, init=None):
+               token_weight=0.1, pixel_weight=0.1, token_max_t=800, edit_phrases=0.0, init=None):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 3)
     rng = np.random.default_rng([seed, 3])
@@ -329,14 +354,22 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
     while step < steps:
         idx = torch.from_numpy(rng.integers(len(latents), size=bs))
         caps = [training_caption(scenes[int(i)], rng) for i in idx]
+        # edit phrases (grounding only): region index, or None for an ordinary caption
+        edit_region = [None] * bs
+        if edit_phrases > 0:
+            for b in np.flatnonzero(rng.random(bs) < edit_phrases):
+                caps[b], edit_region[b] = edit_phrase(scenes[int(idx[b])], rng)
         ids = tokens(caps)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 100)
         rec = GradRecorder() if token_weight > 0 or pixel_weight > 0 else None
-        loss, tt = diffusion_loss(unet, latents[idx], te(ids), acp, gen, recorder=rec)
+        weight = torch.tensor([float(r is None) for r in edit_region]) if edit_phrases > 0 else None
+        loss, tt = diffusion_loss(unet, latents[idx], te(ids), acp, gen, recorder=rec, weight=weight)
         total = loss
         if rec is not None:
-            targets = [word_targets(scenes[int(i)], tokens.words(c)) for i, c in zip(idx, caps)]
+            targets = [word_targets(scenes[int(i)], tokens.words(c)) if r is None else
+                       [(pos, r) for w, pos in tokens.words(c) if w not in ("a", "an")]
+                       for i, c, r in zip(idx, caps, edit_region)]
             cov = region_cover(labels[idx.numpy()])
             tl, pl = grounding_losses(rec.probs, cov, targets, tt < token_max_t)
             total = loss + token_weight * tl + pixel_weight * pl
@@ -361,7 +394,7 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
     te.eval().requires_grad_(False)
     return unet, te, {"steps": steps, "batch": bs, "lr": lr, "final_loss": float(np.mean(hist[-100:])),
                       "token_loss_weight": token_weight, "pixel_loss_weight": pixel_weight,
-                      "grounding_loss_max_t": token_max_t,
+                      "grounding_loss_max_t": token_max_t, "edit_phrases": edit_phrases,
                       "final_token_loss": float(np.mean(thist[-100:])) if thist else None,
                       "token_loss_first_100": float(np.mean(thist[:100])) if thist else None,
                       "final_pixel_loss": float(np.mean(phist[-100:])) if phist else None,
@@ -652,6 +685,9 @@ def main(argv=None) -> None:
     p.add_argument("--pixel-loss", type=float, default=0.2,
                    help="weight of the pixel grounding loss on the 16x16 maps (0: off; the shipped UNet of "
                         "2026-11-28 was trained with 0)")
+    p.add_argument("--edit-phrases", type=float, default=0.2,
+                   help="share of UNet samples whose caption is an edit text (one attribute changed), "
+                        "trained with the grounding losses only (0: off)")
     p.add_argument("--inpaint-examples", type=int, default=6000, help="masked images encoded for inpainting")
     p.add_argument("--inpaint-steps", type=int, default=1000)
     p.add_argument("--minutes-budget", type=float, default=None,
@@ -696,6 +732,7 @@ def main(argv=None) -> None:
     remaining = None if budget is None else budget - clock() - 60 - 0.03 * a.inpaint_examples
     unet, te, phases["unet"] = train_unet(latents, scenes, labels, tokens, a.unet_steps, a.seed,
                                           token_weight=a.token_loss, pixel_weight=a.pixel_loss,
+                                          edit_phrases=a.edit_phrases,
                                           budget_s=None if remaining is None else 0.64 * remaining)
     save_main(out_main, unet, te, vae, tok_dir)
 
