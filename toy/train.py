@@ -3,7 +3,8 @@
     python -m toy.train --out assets --seed 0            # writes assets/toy-sd, assets/toy-sd-inpaint
 
 Same architecture as SD v1.x, smaller configs, trained on one thread of a shared 2-core CPU in
-about 50 minutes (VAE ~10, rendering + encoding ~4, UNet ~21, inpainting ~15 at the defaults):
+about 75 minutes (VAE ~10, rendering + encoding ~4, UNet ~32, inpainting data + training ~29 at the
+defaults):
 
 * VAE (our AutoencoderKL): 128x128 RGB -> 4x32x32 latents (3 blocks, downsampling factor 4).
   L1 + L2 reconstruction + 1e-6 KL on random 64x64 crops, then a few steps on whole images (so the
@@ -27,6 +28,12 @@ about 50 minutes (VAE ~10, rendering + encoding ~4, UNet ~21, inpainting ~15 at 
   mass with a few spikes: IoU 0.06 in the check below), so the pixel loss (--pixel-loss, default
   0.2), a per-cell BCE on the raw probabilities, comes with it. These shape where the words'
   attention goes; InstDiffEdit still reads the raw cross-attention probabilities at inference.
+  Edit phrases (--edit-phrases, default 0.2 of the samples): an edit text reads like a caption with
+  one attribute wrong ("a blue circle" for a red circle), a text no training caption ever was, and
+  with captions alone the shape word's map lost its object on such texts (map IoU often 0). So a
+  share of samples get such a text (built like the benchmark's, from training scenes) with both of
+  its words grounded on the object (or the background) it points at. These samples train only the
+  grounding losses: the diffusion loss would teach the model to ignore colour words.
   Caveat: the toy benchmark then measures how InstDiffEdit turns well-grounded maps into masks,
   not whether grounding emerges unsupervised as it does in SD v1.4.
 * Inpainting UNet: the same config with 9 input channels, cat([noisy latent, mask, masked-image
@@ -679,7 +686,7 @@ def main(argv=None) -> None:
     p.add_argument("--vae-steps", type=int, default=1800, help="VAE steps on 64x64 crops (batch 16)")
     p.add_argument("--vae-full-steps", type=int, default=150, help="then VAE steps on whole images (batch 8)")
     p.add_argument("--vae-from", default=None, help="load the VAE from this toy-sd folder instead of training it")
-    p.add_argument("--unet-steps", type=int, default=1800)
+    p.add_argument("--unet-steps", type=int, default=2200)
     p.add_argument("--token-loss", type=float, default=0.2,
                    help="weight of the token grounding loss on the 16x16 maps (0: off)")
     p.add_argument("--pixel-loss", type=float, default=0.2,
@@ -689,7 +696,7 @@ def main(argv=None) -> None:
                    help="share of UNet samples whose caption is an edit text (one attribute changed), "
                         "trained with the grounding losses only (0: off)")
     p.add_argument("--inpaint-examples", type=int, default=6000, help="masked images encoded for inpainting")
-    p.add_argument("--inpaint-steps", type=int, default=1000)
+    p.add_argument("--inpaint-steps", type=int, default=1800)
     p.add_argument("--minutes-budget", type=float, default=None,
                    help="size the UNet / inpainting step counts to finish in about this many minutes")
     p.add_argument("--threads", type=int, default=1,
