@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python instdiffedit.py --image assets/examples/scene.png --edit "$(DEMO_EDIT)" --model toy \
 		--out out/demo --save-attention --overwrite
 
-DEMO_EDIT ?= a yellow background
+DEMO_EDIT ?= a blue circle
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_models.py
