@@ -57,8 +57,8 @@ import math
 import platform
 import sys
 import time
-from multiprocessing import Pool
 from dataclasses import replace
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
