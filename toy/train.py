@@ -140,21 +140,13 @@ def training_caption(scene, rng) -> str:
 def edit_phrase(scene, rng) -> tuple[str, int]:
     """An edit text for this scene and the region it points at (0 = background, i + 1 = object i).
 
-    Built as toy.world.make_edit_case builds the benchmark's (other seeds): an object phrase with one
-    attribute changed to a value absent from the scene, the other attribute naming the target, or a
-    background phrase with a new colour. The text does not describe the image, so these samples train
-    only the grounding losses (see train_unet), never the diffusion loss."""
-    objs = scene.objects
-    k = int(rng.integers(len(objs) + 1))
-    used = {o.colour for o in objs} | {scene.background}
-    new_colour = lambda: str(rng.choice([c for c in world.COLOURS if c not in used]))  # noqa: E731
-    if k == len(objs):
-        return background_phrase(replace(scene, background=new_colour())), 0
-    o = objs[k]
-    if rng.random() < 0.5:
-        return world._a(f"{new_colour()} {o.shape}"), k + 1
-    shape = str(rng.choice([s for s in world.SHAPES if s not in {p.shape for p in objs}]))
-    return world._a(f"{o.colour} {shape}"), k + 1
+    Made with the benchmark's own edit rules (toy.world.new_colour / edit_object; training scenes, not
+    benchmark seeds). The text does not describe the image, so these samples train only the grounding
+    losses (see train_unet), never the diffusion loss."""
+    k = int(rng.integers(len(scene.objects) + 1))
+    if k == len(scene.objects):
+        return background_phrase(replace(scene, background=world.new_colour(scene, rng))), 0
+    return object_phrase(world.edit_object(scene, k, rng)[0]), k + 1
 
 
 class TokenCache:
@@ -280,8 +272,9 @@ def diffusion_loss(unet, z0, ctx, acp, gen, extra=None, recorder=None, weight=No
     return (per_sample * weight).sum() / weight.sum().clamp_min(1), t
 
 
-class GradRecorder:
-    """Keeps the 16x16 cross-attention probabilities inside the autograd graph (for the token loss)."""
+class MapRecorder:
+    """Keeps every layer's 16x16 cross-attention probabilities, (B, heads, 256, 77) each; in training
+    they stay inside the autograd graph (for the grounding losses)."""
 
     def __init__(self, hw=(16, 16)):
         self.hw, self.probs = hw, []
@@ -341,7 +334,7 @@ def region_cover(labels: np.ndarray) -> torch.Tensor:
 
 
 def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, budget_s=None, log_every=50,
-               token_weight=0.1, pixel_weight=0.1, token_max_t=800, edit_phrases=0.0, init=None):
+               token_weight=0.1, pixel_weight=0.1, token_max_t=800, edit_phrases=0.0):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 3)
     rng = np.random.default_rng([seed, 3])
@@ -349,9 +342,6 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
     te = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     ldm_init(unet)
     clip_init(te)
-    if init is not None:  # (experiments) continue from trained weights
-        unet.load_state_dict(init[0].state_dict())
-        te.load_state_dict(init[1].state_dict())
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = EMA([unet, te])
@@ -369,7 +359,7 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
         ids = tokens(caps)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 100)
-        rec = GradRecorder() if token_weight > 0 or pixel_weight > 0 else None
+        rec = MapRecorder() if token_weight > 0 or pixel_weight > 0 else None
         weight = torch.tensor([float(r is None) for r in edit_region]) if edit_phrases > 0 else None
         loss, tt = diffusion_loss(unet, latents[idx], te(ids), acp, gen, recorder=rec, weight=weight)
         total = loss
@@ -530,24 +520,6 @@ def train_inpaint(main_unet, te, latents, scenes, data, tokens, steps, seed, bs=
 
 # ---------------------------------------------------------------- quick check: do the 16x16 maps localise?
 
-class Recorder:
-    """Collects the 16x16 cross-attention probabilities (mean over heads and layers)."""
-
-    def __init__(self, hw=(16, 16)):
-        self.hw, self.sum, self.n = hw, None, 0
-
-    def wants(self, name, hw):
-        return tuple(hw) == self.hw
-
-    def record(self, name, probs):
-        m = probs.float().mean(1)  # (B, pixels, tokens)
-        self.sum = m if self.sum is None else self.sum + m
-        self.n += 1
-
-    def maps(self):
-        return (self.sum / self.n).transpose(1, 2).unflatten(2, self.hw)  # (B, tokens, 16, 16)
-
-
 @torch.no_grad()
 def localisation_check(unet, te, vae, tokenizer, n=50, t=500, seed=0):
     """Mean IoU between the thresholded (0.5 of max) 16x16 map of a word, upsampled to 128, and the
@@ -570,9 +542,9 @@ def localisation_check(unet, te, vae, tokenizer, n=50, t=500, seed=0):
         noise = torch.randn(z0.shape, generator=gen)
         x = add_noise(z0, noise, t, acp)
         prompts = [world.caption(scene)] + [object_phrase(o) for o in scene.objects]
-        rec = Recorder()
+        rec = MapRecorder()
         unet(x.expand(len(prompts), -1, -1, -1), t, te(tokenizer.encode(prompts)), recorder=rec)
-        maps = rec.maps()
+        maps = torch.stack(rec.probs).mean((0, 2)).transpose(1, 2).unflatten(2, rec.hw)  # (B, 77, 16, 16)
 
         def word_mask(p, word):
             pos = [ps for w, ps in tokenizer.words(prompts[p]) if w == word][0]

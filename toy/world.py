@@ -201,6 +201,22 @@ class EditCase:
     attribute: str           # "colour" | "shape" | "background"
 
 
+def new_colour(scene, rng) -> str:
+    """A colour that nothing in the scene has (objects or background)."""
+    used = {o.colour for o in scene.objects} | {scene.background}
+    return str(rng.choice([c for c in COLOURS if c not in used]))
+
+
+def edit_object(scene, idx, rng):
+    """Object idx with one attribute changed to a value absent from the scene; the other attribute
+    (unique in the scene by construction) still names it. -> (new object, "colour" | "shape")."""
+    o = scene.objects[idx]
+    if rng.random() < 0.5:
+        return replace(o, colour=new_colour(scene, rng)), "colour"
+    shape = str(rng.choice([s for s in SHAPES if s not in {p.shape for p in scene.objects}]))
+    return replace(o, shape=shape, angle=0.0 if shape in ("circle", "ring") else o.angle), "shape"
+
+
 def make_edit_case(seed, kind, size=128):
     """Object edits change one attribute of the target; the unchanged one (unique in the
     scene by construction) names the target.  gt_mask: colour edit -> target's visible
@@ -210,23 +226,15 @@ def make_edit_case(seed, kind, size=128):
     scene = sample_scene(rng, min_objects=2 if kind == "secondary" else 1)
     _, masks, bgmask = render(scene, size)
     objs = list(scene.objects)
-    used = {o.colour for o in objs} | {scene.background}
     if kind == "background":
-        new_bg = str(rng.choice([c for c in COLOURS if c not in used]))
+        new_bg = new_colour(scene, rng)
         target = replace(scene, background=new_bg)
         return EditCase(f"{seed}-background", seed, scene, caption(scene),
                         _a(f"{new_bg} background"), kind, bgmask, target, None, "background")
     areas = [m.sum() for m in masks]
     main = int(np.argmax(areas))
     idx = main if kind == "main" else int(rng.choice([i for i in range(len(objs)) if i != main]))
-    o = objs[idx]
-    if rng.random() < 0.5:
-        attr = "colour"
-        new = replace(o, colour=str(rng.choice([c for c in COLOURS if c not in used])))
-    else:
-        attr = "shape"
-        shape = str(rng.choice([s for s in SHAPES if s not in {p.shape for p in objs}]))
-        new = replace(o, shape=shape, angle=0.0 if shape in ("circle", "ring") else o.angle)
+    new, attr = edit_object(scene, idx, rng)
     objs[idx] = new
     target = replace(scene, objects=tuple(objs))
     gt = masks[idx] if attr == "colour" else masks[idx] | render(target, size)[1][idx]
