@@ -46,3 +46,12 @@ def test_demo_command_writes_every_file(tmp_path, one_thread):
     for name in ("edited.png", "mask.png", "soft_mask.png", "overlay.png", "attention.png", "run.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "run.json").read_text())["words"] == ["<sot>", "a", "yellow", "background", "<eot>"]
+
+
+def test_benchmark_gt_mask_row_gives_the_finish_the_exact_mask(toy, one_thread):
+    cases = benchmark_cases(3, size=toy.size)
+    rows = run_cases(toy, cases, gt_mask=True, steps=4)
+    for case, row in zip(cases, rows):
+        # the mask the finish used is the ground truth on the 4-pixel latent grid: only rims differ
+        assert row["iou"] > 0.85, (case.id, row)
+        assert row["c_m"] > 0 and row["c_non"] >= 0 and "iou_sot_only" not in row, row

@@ -7,7 +7,8 @@ Cases come from ``toy.world.benchmark_cases`` (fixed seeds, disjoint from traini
 secondary-object and background edits, the edit text the only prompt (paper Sec. 4). Metrics as in
 the paper's appendix: mask IoU, C_m, C_non, C_m / C_non (dataset level: mean C_m / mean C_non, as
 Table 1), seconds per edit. Also reported: the start-token map alone as the mask (no Eq. 6-9
-refinement), the r x phi ablation of Table 2 (masks only), and DiffEdit / SDEdit on the same model.
+refinement), the r x phi ablation of Table 2 (masks only), DiffEdit / SDEdit on the same model, and
+the inpainting finish given the ground-truth mask, which separates the finish's C_non from the mask's.
 """
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ def _upsample(mask: torch.Tensor, size: int) -> np.ndarray:
     return F.interpolate(mask.float()[None, None], size=(size, size), mode="nearest")[0, 0].cpu().numpy() > 0.5
 
 
-def run_cases(pipe, cases, method: str = "instdiffedit", full: bool = True, **options) -> list[dict]:
-    """One row per case. full=False: masks only (stage 1), no inpainting, no change rates."""
+def run_cases(pipe, cases, method: str = "instdiffedit", full: bool = True, gt_mask: bool = False,
+              **options) -> list[dict]:
+    """One row per case. full=False: masks only (stage 1), no inpainting, no change rates.
+    gt_mask: the inpainting finish gets the exact ground-truth mask (what a perfect stage 1 would give)."""
     rows = []
     for case in cases:
         src = render(case.scene, pipe.size)[0]
@@ -58,7 +61,8 @@ def run_cases(pipe, cases, method: str = "instdiffedit", full: bool = True, **op
         tic = time.perf_counter()
         row = {"id": case.id, "kind": case.kind, "edit": case.edit_text, "method": method}
         if full:
-            res = pipe.edit(img, case.edit_text, method=method, source=source_text(case), **options)
+            res = pipe.edit(img, case.edit_text, method=method, source=source_text(case),
+                            mask=torch.from_numpy(case.gt_mask) if gt_mask else None, **options)
             row["seconds"] = time.perf_counter() - tic
             edited = np.asarray(res.image)
             row["c_m"], row["c_non"], _ = change_rates(edited, src, case.gt_mask)
@@ -141,6 +145,9 @@ def main(argv=None) -> int:
             r = run_cases(pipe, subset, method=method, steps=args.steps)
             results[method] = {"summary": summarise(r), "rows": r}
             comp[method] = results[method]["summary"]
+        r = run_cases(pipe, subset, gt_mask=True, steps=args.steps)
+        results["gt_mask"] = {"summary": summarise(r), "rows": r}
+        comp["ground-truth mask + finish"] = results["gt_mask"]["summary"]
         ins, de, sd = comp["instdiffedit"], comp["diffedit"], comp["sdedit"]
         report.append(table(f"Methods on the same model, samplers and seeds ({len(subset)} cases)", comp)
                       + f"\nIoU ratio InstDiffEdit/DiffEdit: {_fmt(ins['iou'] / de['iou'] if de['iou'] else None)}"

@@ -39,8 +39,8 @@ defaults):
 * Inpainting UNet: the same config with 9 input channels, cat([noisy latent, mask, masked-image
   latent]) as SD's, initialised from the trained UNet (extra input channels zero), with the
   frozen VAE and text encoder. Masks: an object's mask (dilated, or its box) with that object's
-  phrase, the background mask with the background phrase, random boxes / ellipses and the whole
-  image with the full caption, 10% empty captions. Masks live on the latent grid (4x4 pixel
+  phrase (40%), the background mask with the background phrase (25%), random boxes / ellipses
+  (25%) and the whole image (10%) with the full caption, 10% empty captions. Masks live on the latent grid (4x4 pixel
   blocks), as the pipeline's masks do.
 
 UNet and text encoder weights are EMA averages (decay 0.999 with warm-up). Everything is seeded
@@ -421,7 +421,7 @@ def make_inpaint_mask(scene, lab: np.ndarray, rng):
             m = torch.from_numpy(box)
         else:
             m = _dilate(m, int(rng.integers(0, 9)))
-    elif r < 0.55:
+    elif r < 0.65:  # a quarter: the pipeline's background edits mask exactly this
         kind, obj, m = "background", None, torch.from_numpy(lab == 0)
     elif r < 0.90:
         kind, obj = "random", None
@@ -658,6 +658,9 @@ def main(argv=None) -> None:
     p.add_argument("--vae-steps", type=int, default=1800, help="VAE steps on 64x64 crops (batch 16)")
     p.add_argument("--vae-full-steps", type=int, default=150, help="then VAE steps on whole images (batch 8)")
     p.add_argument("--vae-from", default=None, help="load the VAE from this toy-sd folder instead of training it")
+    p.add_argument("--unet-from", default=None,
+                   help="load the UNet and text encoder from this toy-sd folder instead of training them "
+                        "(to retrain only the inpainting UNet)")
     p.add_argument("--unet-steps", type=int, default=2200)
     p.add_argument("--token-loss", type=float, default=0.2,
                    help="weight of the token grounding loss on the 16x16 maps (0: off)")
@@ -667,8 +670,9 @@ def main(argv=None) -> None:
     p.add_argument("--edit-phrases", type=float, default=0.2,
                    help="share of UNet samples whose caption is an edit text (one attribute changed), "
                         "trained with the grounding losses only (0: off)")
-    p.add_argument("--inpaint-examples", type=int, default=6000, help="masked images encoded for inpainting")
-    p.add_argument("--inpaint-steps", type=int, default=1800)
+    p.add_argument("--inpaint-examples", type=int, default=10000,
+                   help="masked images encoded for inpainting (at most --scenes: one per scene)")
+    p.add_argument("--inpaint-steps", type=int, default=4500)
     p.add_argument("--minutes-budget", type=float, default=None,
                    help="size the UNet / inpainting step counts to finish in about this many minutes")
     p.add_argument("--threads", type=int, default=1,
@@ -709,10 +713,18 @@ def main(argv=None) -> None:
 
     budget = None if a.minutes_budget is None else a.minutes_budget * 60
     remaining = None if budget is None else budget - clock() - 60 - 0.03 * a.inpaint_examples
-    unet, te, phases["unet"] = train_unet(latents, scenes, labels, tokens, a.unet_steps, a.seed,
-                                          token_weight=a.token_loss, pixel_weight=a.pixel_loss,
-                                          edit_phrases=a.edit_phrases,
-                                          budget_s=None if remaining is None else 0.64 * remaining)
+    if a.unet_from:  # phase 2 done earlier: keep its record next to the reused weights
+        from weights import load
+        sd = load(a.unet_from, components=("unet", "text_encoder"))
+        unet, te = sd.unet.eval().requires_grad_(False), sd.text_encoder.eval().requires_grad_(False)
+        prev = Path(a.unet_from) / "training_log.json"
+        rec = json.loads(prev.read_text())["phases"]["unet"] if prev.is_file() else None
+        phases["unet"] = {"reused_from": a.unet_from, "record": rec.get("record", rec) if rec else None}
+    else:
+        unet, te, phases["unet"] = train_unet(latents, scenes, labels, tokens, a.unet_steps, a.seed,
+                                              token_weight=a.token_loss, pixel_weight=a.pixel_loss,
+                                              edit_phrases=a.edit_phrases,
+                                              budget_s=None if remaining is None else 0.64 * remaining)
     save_main(out_main, unet, te, vae, tok_dir)
 
     t = Timer()
