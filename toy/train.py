@@ -672,7 +672,7 @@ def main(argv=None) -> None:
                         "trained with the grounding losses only (0: off)")
     p.add_argument("--inpaint-examples", type=int, default=10000,
                    help="masked images encoded for inpainting (at most --scenes: one per scene)")
-    p.add_argument("--inpaint-steps", type=int, default=4500)
+    p.add_argument("--inpaint-steps", type=int, default=7000)
     p.add_argument("--minutes-budget", type=float, default=None,
                    help="size the UNet / inpainting step counts to finish in about this many minutes")
     p.add_argument("--threads", type=int, default=1,
