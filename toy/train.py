@@ -40,8 +40,8 @@ defaults):
   latent]) as SD's, initialised from the trained UNet (extra input channels zero), with the
   frozen VAE and text encoder. Masks: an object's mask (dilated, or its box) with that object's
   phrase (40%), the background mask with the background phrase (25%), random boxes / ellipses
-  (25%) and the whole image (10%) with the full caption, 10% empty captions. Masks live on the latent grid (4x4 pixel
-  blocks), as the pipeline's masks do.
+  (25%) and the whole image (10%) with the full caption, 10% empty captions. Masks live on the
+  latent grid (4x4 pixel blocks), as the pipeline's masks do.
 
 UNet and text encoder weights are EMA averages (decay 0.999 with warm-up). Everything is seeded
 from --seed; with the default step counts a run is deterministic on a given machine / thread
@@ -680,6 +680,8 @@ def main(argv=None) -> None:
                         "~20x whenever another process takes a core")
     p.add_argument("--check-scenes", type=int, default=50, help="held-out scenes for the localisation check")
     a = p.parse_args(argv)
+    if a.inpaint_examples > a.scenes:
+        p.error(f"--inpaint-examples {a.inpaint_examples} exceeds --scenes {a.scenes} (one example per scene)")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     clock, phases = Timer(), {}
