@@ -36,7 +36,7 @@ bench: $(STAMP)
 eval-toy: $(STAMP)
 	$(BIN)/python -m toy.benchmark
 
-# retrain the bundled toy model from its seed (about 2 h 20 min on one CPU thread; assets/TRAINING.md)
+# retrain the bundled toy model from its seed (estimated 2 h 20 min on one CPU thread; assets/TRAINING.md)
 toy-model: $(STAMP)
 	$(BIN)/python -m toy.train --out assets --seed 0
 
