@@ -721,6 +721,7 @@ def main(argv=None) -> None:
         unet, te = sd.unet.eval().requires_grad_(False), sd.text_encoder.eval().requires_grad_(False)
         prev = Path(a.unet_from) / "training_log.json"
         rec = json.loads(prev.read_text())["phases"]["unet"] if prev.is_file() else None
+        # a folder that itself reused its UNet holds the training record one level down
         phases["unet"] = {"reused_from": a.unet_from, "record": rec.get("record", rec) if rec else None}
     else:
         unet, te, phases["unet"] = train_unet(latents, scenes, labels, tokens, a.unet_steps, a.seed,
