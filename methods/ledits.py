@@ -12,13 +12,14 @@ our models and samplers, matched to diffusers' LEditsPPPipelineStableDiffusion.
    phrase, when given, is removed (-1): a removal concept.
 
 Where diffusers differs from the authors' code (ml-research/ledits_pp), we follow diffusers (the parity
-target) and say so:
-* timesteps: diffusers runs the last ``steps`` of int(steps * (1 + skip)) "leading" timesteps; the
-  authors spread ``steps`` from T (1 - skip) - 1 to 1;
-* M2 is intersected with M1 only at t <= 800 (M1 alone above); the authors intersect at every step;
-* a guided inversion (``source_guidance`` with ``invert_prompt``): diffusers swaps the two embeddings
-  (its guidance points away from the prompt); we use eps_uncond + s (eps_prompt - eps_uncond), as the
-  authors do. The parity test runs the unguided inversion, diffusers' default.
+target): its timesteps are the last ``steps`` of int(steps * (1 + skip)) "leading" ones (the authors
+spread ``steps`` from T (1 - skip) - 1 to 1), and it intersects with M2 only at t <= 800 (M1 alone above;
+the authors intersect at every step). Not implemented: the inversion guided by a source prompt (diffusers
+0.42.1 swaps its two embeddings there, so its guidance points away from the prompt), guidance rescale.
+
+Registered as method "ledits"; options: steps (default 30), guidance (s_e, default 5), threshold (lambda,
+default 0.9), seed, source (the removal concept), and its own ledits_* options below. A user mask
+multiplies the guidance, as diffusers' user_mask does.
 """
 from __future__ import annotations
 
@@ -26,43 +27,24 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from instdiffedit import EditError
 from mask.ledits import ConceptAttention, attention_mask, noise_mask
 from sampler import make_sampler
 
-MASKS = ("intersect", "attention", "noise")
-SAMPLERS = ("dpmsolver-sde", "ddim")
+from .base import Edited, Job, MaskOutput, Method, register
+from .options import EditError, EditOptions, Option
+
 M2_FROM_T = 800  # diffusers intersects with the noise mask M2 only at timesteps t <= 800
 
-
-@dataclass
-class LeditsOptions:
-    steps: int = 30            # inversion (and edit) steps actually run (diffusers' num_inversion_steps)
-    skip: float = 0.15         # share of the schedule skipped at the noisy end: int(steps * (1 + skip)) in all
-    guidance: float = 5.0      # s_e: edit guidance scale of every concept
-    threshold: float = 0.9     # lambda: masks keep pixels at or above this quantile (0.9: top 10%)
-    mask: str = "intersect"    # implicit mask: "intersect" (M1 x M2), "attention" (M1) or "noise" (M2)
-    warmup: int = 0            # edit steps without guidance at the start
-    cooldown: int = 0          # guidance stops at this edit step (0: never)
-    remove_source: bool = True  # the source phrase, when given, is a removal (negative) concept
-    invert_prompt: str = ""    # text that guides the inversion ("" = unconditional, the default)
-    source_guidance: float = 3.5  # CFG scale of the inversion when invert_prompt is given
-    sampler: str = "dpmsolver-sde"  # "dpmsolver-sde" (SDE-DPM-Solver++ 2M, the default) or "ddim" (eta 1)
-    seed: int = 0              # master seed: the inversion's noises are drawn from it on the CPU
-
-    def check(self) -> None:
-        if self.steps < 1:
-            raise EditError(f"steps {self.steps} must be at least 1")
-        if not 0.0 <= self.skip < 1.0:
-            raise EditError(f"skip {self.skip} is outside [0, 1)")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise EditError(f"threshold {self.threshold} is outside [0, 1]")
-        if self.mask not in MASKS:
-            raise EditError(f"mask '{self.mask}' is not one of {', '.join(MASKS)}")
-        if self.sampler not in SAMPLERS:
-            raise EditError(f"sampler '{self.sampler}' is not one of {', '.join(SAMPLERS)}")
-        if self.warmup < 0 or self.cooldown < 0:
-            raise EditError(f"warmup {self.warmup} and cooldown {self.cooldown} must be >= 0")
+SKIP = Option("ledits_skip", float, 0.15, "LEDITS++: share of the schedule skipped at the noisy end "
+              "(int(steps * (1 + skip)) timesteps, the last `steps` run)", 0, 1, max_open=True)
+MASK = Option("ledits_mask", str, "intersect", "LEDITS++ implicit mask: intersect (attention M1 x noise M2, "
+              "the paper's), attention (M1) or noise (M2)", choices=("intersect", "attention", "noise"))
+SAMPLER = Option("ledits_sampler", str, "dpmsolver-sde", "LEDITS++ sampler: dpmsolver-sde (SDE-DPM-Solver++ 2M, "
+                 "the default) or ddim (eta 1, edit-friendly DDPM)", choices=("dpmsolver-sde", "ddim"))
+WARMUP = Option("ledits_warmup", int, 0, "LEDITS++: edit steps without guidance at the start", 0, 10_000)
+COOLDOWN = Option("ledits_cooldown", int, 0, "LEDITS++: guidance stops at this edit step (0: never)", 0, 10_000)
+REMOVE = Option("ledits_remove_source", bool, True, "LEDITS++: guide away from the source text when one is "
+                "given (--ledits-keep-source: the edit text alone)", flag="--ledits-keep-source")
 
 
 @dataclass
@@ -89,33 +71,31 @@ class LeditsResult:
     inversion: Inversion
 
 
-def make_ledits_sampler(pipe, o: LeditsOptions):
-    """diffusers' LEDITS++ pipeline forces "leading" spacing, steps_offset 1 and no clipping."""
+def make_ledits_sampler(pipe, o: EditOptions):
+    """A fresh sampler with the run's timesteps; diffusers' LEDITS++ pipeline forces "leading" spacing,
+    steps_offset 1 and no clipping."""
     config = replace(pipe.scheduler_config, timestep_spacing="leading", steps_offset=1, clip_sample=False)
-    return make_sampler(o.sampler, config, **({"eta": 1.0} if o.sampler == "ddim" else {}))
+    sampler = make_sampler(o.ledits_sampler, config, **({"eta": 1.0} if o.ledits_sampler == "ddim" else {}))
+    sampler.set_timesteps(int(o.steps * (1 + o.ledits_skip)), pipe.device)
+    return sampler
 
 
 @torch.no_grad()
-def invert(pipe, z0: torch.Tensor, o: LeditsOptions, gen: torch.Generator,
-           prompt_emb: torch.Tensor | None = None) -> Inversion:
-    """Edit-friendly inversion of z0 (1, C, h, w). prompt_emb: (2, 77, D) [uncond, prompt] or (1, 77, D)."""
+def invert(pipe, z0: torch.Tensor, o: EditOptions, gen: torch.Generator, uncond: torch.Tensor,
+           progress: bool = False) -> Inversion:
+    """Edit-friendly inversion of z0 (1, C, h, w) under the unconditional embedding uncond (77, D)."""
     sampler = make_ledits_sampler(pipe, o)
-    total = int(o.steps * (1 + o.skip))
-    sampler.set_timesteps(total, pipe.device)
+    total = len(sampler.timesteps)
     start = total - o.steps
     xs: list[torch.Tensor | None] = [None] * (o.steps + 1)  # xs[k]: before edit step k; xs[steps] = z0
     xs[o.steps] = z0
     for k in reversed(range(o.steps)):  # noises drawn from the cleanest timestep up, as diffusers draws them
         eps = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
         xs[k] = sampler.add_noise_at(z0, eps, start + k)
-    sampler.set_timesteps(total, pipe.device)  # fresh multistep history
     zs = torch.zeros(o.steps, *z0.shape, device=z0.device, dtype=z0.dtype)
-    for k in range(o.steps):
-        i, t = start + k, sampler.timesteps[start + k]
-        if prompt_emb.shape[0] == 2:
-            pred = pipe._unet_cfg(pipe.unet, sampler, xs[k], i, t, prompt_emb, o.source_guidance)
-        else:
-            pred = pipe.unet(sampler.scale_model_input(xs[k], i), t, prompt_emb)
+    for k in pipe.progress(range(o.steps), progress, "ledits++ inversion"):
+        i = start + k
+        pred = pipe.call_unet(pipe.unet, sampler.scale_model_input(xs[k], i), sampler.timesteps[i], uncond[None])
         mean = sampler.step(pred, i, xs[k], variance_noise=torch.zeros_like(z0))
         std = sampler.noise_std(i)
         if std > 0:  # the last DPM step lands on sigma 0: no noise, z stays 0
@@ -125,31 +105,34 @@ def invert(pipe, z0: torch.Tensor, o: LeditsOptions, gen: torch.Generator,
 
 
 @torch.no_grad()
-def guided_denoise(pipe, inv: Inversion, uncond: torch.Tensor, concepts: list[Concept], o: LeditsOptions):
+def guided_denoise(pipe, inv: Inversion, uncond: torch.Tensor, concepts: list[Concept], o: EditOptions,
+                   user_mask: torch.Tensor | None = None, progress: bool = False):
     """Replay the inversion with semantic guidance; returns the latents and the per-step masks."""
     sampler = make_ledits_sampler(pipe, o)
-    sampler.set_timesteps(inv.total, pipe.device)
     x = inv.x_T
     h, w = x.shape[-2:]
     n = len(concepts)
     emb = torch.cat([uncond[None]] + [c.emb[None] for c in concepts])  # [uncond, concept 1, ..., concept C]
-    store = ConceptAttention((h // 4, w // 4), n) if n and o.mask != "noise" else None
+    store = ConceptAttention((h // 4, w // 4), n) if n and o.ledits_mask != "noise" else None
     activation = torch.zeros(inv.zs.shape[0], n, h, w)
-    for k in range(inv.zs.shape[0]):
+    for k in pipe.progress(range(inv.zs.shape[0]), progress, "ledits++ edit"):
         i = inv.start + k
         t = sampler.timesteps[i]
-        preds = pipe.unet(sampler.scale_model_input(x, i).expand(1 + n, -1, -1, -1), t, emb, recorder=store)
+        inp = sampler.scale_model_input(x, i).expand(1 + n, -1, -1, -1)
+        preds = pipe.call_unet(pipe.unet, inp, t, emb, recorder=store)
         uncond_pred, guidance = preds[:1], torch.zeros_like(preds[:1])
         maps = store.take() if store is not None else None
         for c, concept in enumerate(concepts):
-            if k < o.warmup or (o.cooldown and k >= o.cooldown):
+            if k < o.ledits_warmup or (o.ledits_cooldown and k >= o.ledits_cooldown):
                 continue
             direction = (preds[c + 1:c + 2] - uncond_pred) * (-o.guidance if concept.reverse else o.guidance)
-            if o.mask == "noise":
+            if user_mask is not None:
+                direction = direction * user_mask.to(direction.dtype)
+            if o.ledits_mask == "noise":
                 m = noise_mask(direction[0], o.threshold)
             else:
                 m = attention_mask(maps[c], concept.tokens, o.threshold, (h, w))  # M1
-                if o.mask == "intersect" and t <= M2_FROM_T:
+                if o.ledits_mask == "intersect" and t <= M2_FROM_T:
                     m = m * noise_mask(direction[0], o.threshold)  # M1 x M2
             activation[k, c] = m.float().cpu()
             guidance = guidance + direction * m
@@ -157,24 +140,38 @@ def guided_denoise(pipe, inv: Inversion, uncond: torch.Tensor, concepts: list[Co
     return x, activation
 
 
-def ledits(pipe, image, edit: str, source: str = "", o: LeditsOptions | None = None) -> LeditsResult:
-    """LEDITS++ edit of `image` (path, PIL, or (1, 3, H, W) tensor in [-1, 1]) toward `edit`.
+@register
+class Ledits(Method):
+    name = "ledits"
+    help = "LEDITS++ (Brack et al. 2024): edit-friendly inversion + masked semantic guidance, no inpainting"
+    options = (SKIP, MASK, SAMPLER, WARMUP, COOLDOWN, REMOVE)
+    defaults = {"steps": 30, "guidance": 5.0, "threshold": 0.9}  # diffusers' invert() and __call__ defaults
+    uses_inpaint = False
 
-    The source phrase, when given and ``o.remove_source``, is guided away from (a removal concept)."""
-    o = o or LeditsOptions()
-    if isinstance(image, torch.Tensor):
-        o.check()
-        x0 = image.to(pipe.device, pipe.dtype)
-    else:
-        x0 = pipe._prepare(image, edit, o)[1]
-    texts = [""] + [edit] + ([source] if source and o.remove_source else [])
-    ids = pipe.tokenizer.encode(texts + ([o.invert_prompt] if o.invert_prompt else [])).to(pipe.device)
-    embs = pipe.text_encoder(ids).to(pipe.dtype)
-    uncond = embs[0]
-    concepts = [Concept(embs[j], len(pipe.tokenizer.tokens(texts[j])), reverse=j == 2) for j in range(1, len(texts))]
-    prompt_emb = torch.stack([uncond, embs[-1]]) if o.invert_prompt else uncond[None]
-    gen = torch.Generator("cpu").manual_seed(o.seed)  # all noise on the CPU: the same on every device
-    inv = invert(pipe, pipe.encode_image(x0), o, gen, prompt_emb)
-    x, activation = guided_denoise(pipe, inv, uncond, concepts, o)
-    soft = activation.amax(1).mean(0)  # union of the concepts, share of steps
-    return LeditsResult(pipe.decode(x), soft > 0, soft, activation, inv)
+    @torch.no_grad()
+    def run(self, pipe, job: Job) -> LeditsResult:
+        o = job.o
+        if int(o.steps * (1 + o.ledits_skip)) > pipe.scheduler_config.num_train_timesteps:
+            raise EditError(f"steps {o.steps} with ledits_skip {o.ledits_skip} is more than the model's "
+                            f"{pipe.scheduler_config.num_train_timesteps} training timesteps")
+        texts = [job.text] + ([o.source] if o.source.strip() and o.ledits_remove_source else [])
+        uncond = job.emb[0]
+        embs = [job.emb[1]] + ([pipe.encode_text(o.source)[1]] if len(texts) == 2 else [])
+        concepts = [Concept(e, len(pipe.tokenizer.tokens(txt)), reverse=j == 1)  # the source is removed
+                    for j, (e, txt) in enumerate(zip(embs, texts))]
+        inv = invert(pipe, pipe.encode_image(job.x0), o, job.gen, uncond, job.progress)
+        mask = None if job.mask is None else job.mask.to(pipe.device)
+        x, activation = guided_denoise(pipe, inv, uncond, concepts, o, mask, job.progress)
+        soft = activation.amax(1).mean(0).to(pipe.device)  # union of the concepts, share of the steps
+        return LeditsResult(pipe.decode(x), soft > 0, soft, activation, inv)
+
+    def mask(self, pipe, job: Job) -> MaskOutput:
+        res = self.run(pipe, job)
+        return MaskOutput(res.mask, res.soft)
+
+    def edit(self, pipe, job: Job) -> Edited:
+        if not job.o.inpaint:
+            raise EditError("--no-inpaint is InstDiffEdit's; ledits never inpaints")
+        res = self.run(pipe, job)
+        return Edited(res.image[0], MaskOutput(res.mask, res.soft) if job.mask is None else
+                      MaskOutput(job.mask, job.mask.float()))

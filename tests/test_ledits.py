@@ -11,7 +11,8 @@ import torch
 
 import instdiffedit
 from mask.ledits import ConceptAttention, attention_mask, noise_mask
-from methods.ledits import Concept, LeditsOptions, guided_denoise, invert, ledits
+from methods import EditOptions
+from methods.ledits import Concept, guided_denoise, invert
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -72,12 +73,12 @@ def _reference(tiny, sampler: str):
                                           ("dpmsolver-sde", "noise")])
 def test_inversion_and_edit_match_diffusers(tiny, sampler, mask):
     pipe, _, _ = tiny
-    o = LeditsOptions(steps=10, skip=0.15, sampler=sampler, mask=mask, seed=11)
+    o = EditOptions("ledits", steps=10, ledits_skip=0.15, ledits_sampler=sampler, ledits_mask=mask, seed=11)
     ref = _reference(tiny, sampler)
     assert type(ref.scheduler).__name__ == ("_DDIMIntTimesteps" if sampler == "ddim" else "DPMSolverMultistepScheduler")
     assert sampler == "ddim" or ref.scheduler.config.algorithm_type == "sde-dpmsolver++"
     img = _image()
-    ref.invert(image=img, num_inversion_steps=o.steps, skip=o.skip, generator=torch.Generator().manual_seed(o.seed))
+    ref.invert(image=img, num_inversion_steps=o.steps, skip=o.ledits_skip, generator=torch.Generator().manual_seed(o.seed))
     out = ref(editing_prompt=[EDIT, SOURCE], reverse_editing_direction=[False, True], edit_guidance_scale=o.guidance,
               edit_threshold=o.threshold, use_intersect_mask=mask == "intersect", use_cross_attn_mask=False,
               output_type="latent").images
@@ -87,7 +88,7 @@ def test_inversion_and_edit_match_diffusers(tiny, sampler, mask):
     gen = torch.Generator().manual_seed(o.seed)
     ids = pipe.tokenizer.encode(["", EDIT, SOURCE])
     uncond, e_edit, e_src = pipe.text_encoder(ids)
-    inv = invert(pipe, pipe.encode_image(x0), o, gen, uncond[None])
+    inv = invert(pipe, pipe.encode_image(x0), o, gen, uncond)
     assert (inv.x_T - ref.init_latents).abs().max() <= 1e-4
     assert (inv.zs - ref.zs).abs().max() <= 1e-4
     # diffusers 0.42.1 with transformers 5 sums the attention of 75 positions after the start token (the
@@ -109,28 +110,35 @@ def test_reconstruction_without_concepts_returns_the_source_latents(tiny):
     DDIM (eta 1) has noise in every step; SDE-DPM-Solver++'s last step goes to sigma 0 without noise, so
     there the run ends on the model's x0 prediction instead (as in diffusers)."""
     pipe, _, _ = tiny
-    o = LeditsOptions(steps=8, skip=0.2, sampler="ddim")
+    o = EditOptions("ledits", steps=8, ledits_skip=0.2, ledits_sampler="ddim")
     z0 = pipe.encode_image(instdiffedit.to_tensor(_image(), SIZE, "cpu", torch.float32))
     uncond = pipe.text_encoder(pipe.tokenizer.encode([""]))[0]
-    inv = invert(pipe, z0, o, torch.Generator().manual_seed(0), uncond[None])
+    inv = invert(pipe, z0, o, torch.Generator().manual_seed(0), uncond)
     x, activation = guided_denoise(pipe, inv, uncond, [], o)
     assert (x - z0).abs().max() <= 1e-4 and activation.numel() == 0
 
 
-def test_edit_entry_point(tiny):
-    """ledits(): the source phrase becomes a removal concept, the mask is the union of the guided pixels,
-    the same seed gives the same bytes, the guidance changes the image."""
+def test_registered_method(tiny):
+    """pipe.edit/pipe.mask with method="ledits": the source phrase becomes a removal concept (one more UNet
+    row per step), the mask is the union of the guided pixels, UNet evaluations are counted at the call,
+    the same seed gives the same bytes, and bad options get one-line errors."""
     pipe, _, _ = tiny
-    o = LeditsOptions(steps=6, skip=0.2)
-    a = ledits(pipe, _image(), EDIT, SOURCE, o)
-    b = ledits(pipe, _image(), EDIT, SOURCE, o)
-    assert torch.equal(a.image, b.image)
-    assert a.activation.shape == (6, 2, 16, 16) and a.mask.shape == (16, 16)
-    assert torch.equal(a.mask, a.activation.amax(1).amax(0) > 0) and a.mask.any() and not a.mask.all()
-    alone = ledits(pipe, _image(), EDIT, "", o)
-    assert alone.activation.shape[1] == 1 and not torch.equal(alone.image, a.image)
-    with pytest.raises(instdiffedit.EditError, match="mask 'box'"):
-        ledits(pipe, _image(), EDIT, "", LeditsOptions(mask="box"))
+    kw = dict(method="ledits", steps=6, ledits_skip=0.2)
+    a = pipe.edit(_image(), EDIT, source=SOURCE, **kw)
+    b = pipe.edit(_image(), EDIT, source=SOURCE, **kw)
+    assert a.image.tobytes() == b.image.tobytes()
+    assert a.unet_evals == 6 * 1 + 6 * 3  # inversion: uncond; edit: [uncond, edit, source]
+    alone = pipe.edit(_image(), EDIT, **kw)
+    assert alone.unet_evals == 6 + 6 * 2 and alone.image.tobytes() != a.image.tobytes()
+    m = pipe.mask(_image(), EDIT, source=SOURCE, **kw)
+    assert m.mask.shape == (16, 16) and m.mask.any() and not m.mask.all()
+    assert torch.equal(m.mask, m.soft > 0) and m.unet_evals == a.unet_evals
+    with pytest.raises(instdiffedit.EditError, match="ledits_mask 'box'"):
+        pipe.edit(_image(), EDIT, method="ledits", ledits_mask="box")
+    with pytest.raises(instdiffedit.EditError, match="ledits_skip 1"):
+        pipe.edit(_image(), EDIT, method="ledits", ledits_skip=1.0)
+    with pytest.raises(instdiffedit.EditError, match="never inpaints"):
+        pipe.edit(_image(), EDIT, method="ledits", inpaint=False)
 
 
 def test_masks_on_constructed_maps():
