@@ -121,7 +121,10 @@ def guided_denoise(pipe, inv: Inversion, uncond: torch.Tensor, concepts: list[Co
         inp = sampler.scale_model_input(x, i).expand(1 + n, -1, -1, -1)
         preds = pipe.call_unet(pipe.unet, inp, t, emb, recorder=store)
         uncond_pred, guidance = preds[:1], torch.zeros_like(preds[:1])
-        maps = store.take() if store is not None else None
+        try:
+            maps = store.take() if store is not None else None
+        except RuntimeError as e:  # a UNet without cross-attention at latent / 4
+            raise EditError(f"ledits: {e}") from None
         for c, concept in enumerate(concepts):
             if k < o.ledits_warmup or (o.ledits_cooldown and k >= o.ledits_cooldown):
                 continue
