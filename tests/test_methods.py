@@ -290,3 +290,25 @@ def test_readme_example_method_runs_through_the_cli_parser_and_edit(example_meth
                             "--quiet", "--method", example_method, "--steps", "4"])
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "o" / "edited.png").is_file()
+
+
+# ---------------------------------------------------------------- 6. the dataset runner and the toy benchmark
+
+def test_dataset_runner_takes_method_options_and_records_unet_evals(tiny_sd, tmp_path, capsys):
+    import json
+
+    import evaluation.run
+    from evaluation.datasets import parse_list
+    lst = tmp_path / "Editing-Mask_list.txt"
+    lst.write_text("0 <> a grey dog on grass. <> a grey dog <> a red cat\n")
+    (tmp_path / "images").mkdir()
+    _pil(4).save(tmp_path / "images" / parse_list(lst)[0].image_file)
+    argv = ["--list", str(lst), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "run"),
+            "--model", str(tiny_sd.sd), "--inpaint-model", str(tiny_sd.inpaint), "--device", "cpu",
+            "--method", "diffedit", "--steps", "4", "--diffedit-samples", "2", "--threshold", "0.4"]
+    assert evaluation.run.main(argv) == 0, capsys.readouterr().err
+    row = json.loads(next((tmp_path / "run").glob("*/metrics.json")).read_text())
+    assert row["unet_evals"] == 2 * 2 * 2 * 2 + 4 * 2  # samples x prompts x CFG x steps + the finish
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["unet_evals"] == row["unet_evals"]
+    assert evaluation.run.main(argv[:-2] + ["--threshold", "nan"]) == 2
+    assert "error: threshold nan is not a finite number" in capsys.readouterr().err
