@@ -62,6 +62,7 @@ class EditOptions:
     diffedit_samples: int = 10  # DiffEdit: noise samples averaged (the InstDiffEdit authors used 10)
     diffedit_ratio: float = 3.0  # DiffEdit: clamp at ratio x mean difference, binarise at half (diffusers)
     diffedit_blur: int = 0    # DiffEdit: Gaussian blur kernel before thresholding (authors: 5; 0 = none)
+    exact_authors: bool = False  # also reproduce the authors' uint8 steps in the mask (instant_mask)
 
     def check(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -268,7 +269,7 @@ class InstDiffEdit:
             x = sampler.step(pred, i, x)
             # Eq. 6-9 on the maps so far; P (Eq. 8) is fixed at the first step and reused
             res = instant_mask(store.maps(), positions, (h, w), P=P, gamma1=o.gamma1, gamma2=o.gamma2,
-                               threshold=o.threshold)
+                               threshold=o.threshold, exact_authors=o.exact_authors)
             P = res.P
             # Eq. 5: outside the mask, the latents follow the source image noised to this step
             y = sampler.add_noise_at(z0, eps, i)
@@ -458,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="", help="DiffEdit only: text describing the input image")
     p.add_argument("--mask", default=None, help="use this mask (white = edit) instead of generating one")
     p.add_argument("--no-inpaint", action="store_true", help="decode the Eq. 5 result instead of inpainting")
+    p.add_argument("--exact-authors", action="store_true",
+                   help="also reproduce the authors' uint8 rounding in the mask (bit for bit)")
     p.add_argument("--save-attention", action="store_true", help="also write the labelled per-word attention maps")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
@@ -506,7 +509,8 @@ def run(args) -> int:
     opts = EditOptions(strength=args.strength, threshold=args.threshold, rounds=args.rounds, steps=args.steps,
                        guidance=args.guidance, sampler=args.sampler, seed=args.seed, attention=args.attention,
                        attention_res=args.attention_res,
-                       inpaint=not args.no_inpaint, method=args.method, source=args.source)
+                       inpaint=not args.no_inpaint, method=args.method, source=args.source,
+                       exact_authors=args.exact_authors)
     opts.check()
     if args.no_inpaint and args.mask:
         raise EditError("--no-inpaint decodes the stage-1 result, which --mask skips: use one of them")

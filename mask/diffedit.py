@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .instant import gaussian_blur
+from .filters import gaussian_blur
 
 
 @dataclass

@@ -169,11 +169,12 @@ def _ref_profile_1d():
 
 
 def test_one_word_uses_word_map_directly():
+    # the bilinear / sigma-1.1 options, against a hand-written 1-D reference
     # "car": maps SOT, car, EOT. The SOT map is deliberately unrelated: with one word P is [0, 1, 0]
     # and the refined map is the car map itself (left half of the grid).
     left = box(0, 15, 0, 7)
     maps = torch.stack([B, 0.05 * left + 0.01, torch.ones(G, G) * 0.3])
-    res = instant_mask(maps, [[1]], (64, 64))
+    res = instant_mask(maps, [[1]], (64, 64), upsample="bilinear", blur="gaussian")
     assert torch.equal(res.P, torch.tensor([0., 1., 0.]))
     assert res.index.item() == 1
     expected = torch.tensor(_ref_profile_1d()).expand(64, 64)

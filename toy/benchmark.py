@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from evaluation.metrics import change_rates, mask_iou
-from mask.instant import gaussian_blur, minmax
+from mask.filters import binomial_blur
+from mask.instant import minmax
 from toy.world import benchmark_cases, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def source_text(case) -> str:
 
 def sot_only_mask(word_maps: torch.Tensor, threshold: float) -> torch.Tensor:
     """Baseline: the inverted start-token map alone, blurred and thresholded like Eq. 9's output."""
-    soft = minmax(gaussian_blur(gaussian_blur(word_maps[0].float())))
+    soft = minmax(binomial_blur(binomial_blur(word_maps[0].float())))
     return soft > threshold
 
 
