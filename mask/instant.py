@@ -10,10 +10,10 @@ Pipeline (docs/method-notes.md, "Mask from attention"; paper Eq. 6-9):
    (a space-separated word of the edit text, see ``Tokenizer.words``) split into several BPE
    tokens gets the mean of its tokens' raw maps. Every map is upsampled to the latent size with
    Pillow's bicubic filter (``mask.filters.pil_resize``), which is what the authors' 8-bit
-   ``Image.resize`` does, clipped to [0, map max] as their 8-bit image clips the filter's
-   overshoot, then min-max normalised. The SOT map is inverted first: SOT attends to the
-   background, so the inverted map highlights the object. The authors also scale each map by
-   255 / max; resizing and clipping are linear in that scale, so it cancels in the min-max.
+   ``Image.resize`` does, after scaling to 255 / max and modelling the authors' uint8 cast by its
+   mean; the result is clipped to [0, 255] as their 8-bit image clips the filter's overshoot, then
+   min-max normalised. The SOT map is inverted first: SOT attends to the background, so the
+   inverted map highlights the object.
    Upsampling first (as the authors do) means Eq. 6-9, the blur and the mask all live at latent
    resolution, which is what the masked blending of Eq. 4-5 needs.
 2. Eq. 6: the index map is the word map most cosine-similar to the inverted SOT map
@@ -29,8 +29,8 @@ Pipeline (docs/method-notes.md, "Mask from attention"; paper Eq. 6-9):
 
 ``exact_authors=True`` also reproduces the authors' 8-bit steps: each map truncated to uint8 after
 the 255 / max scaling, resized by Pillow's fixed-point 8-bit code, inverted as ``255 - x``, and
-truncated to uint8 again after the min-max. The defaults keep floats, which moves the Eq. 7
-similarities by about 1e-4 (docs/method-notes.md has the measured agreement).
+truncated to uint8 again after the min-max. The defaults keep floats (no quantisation noise, any
+float dtype and device); docs/method-notes.md has how closely each agrees with the authors' code.
 
 Flat maps: where the authors divide 0 by 0 (a flat map in a min-max gives NaN, and a NaN refined map
 an empty mask), ``minmax`` returns zeros, so the result stays finite.
@@ -118,9 +118,11 @@ def _normalised_maps(raw: torch.Tensor, size: tuple[int, int], upsample: str,
         up = pil_resize(q, size, "bicubic", uint8=True)
         up[0] = 255 - up[0]
         return torch.trunc(minmax(up / 255) * 255) / 255
-    up = pil_resize(raw, size, upsample)
-    if upsample == "bicubic":
-        up = torch.minimum(up.clamp_min(0), top)  # the authors' 8-bit image clips the cubic's overshoot
+    # the authors' first uint8 cast, modelled by its mean: truncation lowers 255 * map / max by half a
+    # level on average and zeroes what lies below one level (the later casts are left out: modelling
+    # them too over-corrects Eq. 7, measured in docs/method-notes.md)
+    v = (255 * raw / torch.where(top > 0, top, 1) - 0.5).clamp_min(0)
+    up = pil_resize(v, size, upsample).clamp(0, 255)  # the 8-bit image clips the cubic's overshoot
     up[0] = -up[0]  # inverted SOT; min-max makes it 1 - minmax(SOT), and keeps a flat SOT at 0
     return minmax(up)
 
