@@ -4,7 +4,8 @@ Stage 1 runs SD from the noised source (strength r) with the edit text as the on
 at once. At every step the cross-attention maps give an instant mask (Eq. 6-9, mask/instant.py) that
 guides the denoising (Eq. 4-5). The inpainting finish (pipe.finish) then generates the edit.
 Options used: strength, threshold, rounds, steps, guidance, sampler, seed, attention, attention_res,
-gamma1, gamma2, inpaint (False: decode round 0's Eq. 5 result instead of inpainting).
+gamma1, gamma2, inpaint (False: decode round 0's Eq. 5 result instead of inpainting); its own:
+exact_authors.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from mask.instant import instant_mask
 from mask.store import AttentionStore
 
 from .base import Edited, Job, MaskOutput, Method, register
-from .options import EditError, EditOptions
+from .options import EditError, EditOptions, Option
 
 
 @torch.no_grad()
@@ -37,7 +38,7 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
         x = sampler.step(pred, i, x)
         # Eq. 6-9 on the maps so far; P (Eq. 8) is fixed at the first step and reused
         res = instant_mask(store.maps(), positions, (h, w), P=P, gamma1=o.gamma1, gamma2=o.gamma2,
-                           threshold=o.threshold)
+                           threshold=o.threshold, exact_authors=o.exact_authors)
         P = res.P
         # Eq. 5: outside the mask, the latents follow the source image noised to this step
         y = sampler.add_noise_at(z0, eps, i)
@@ -51,6 +52,8 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
 class InstDiffEdit(Method):
     name = "instdiffedit"
     help = "the instant attention mask + inpainting (the paper's method)"
+    options = (Option("exact_authors", bool, False, "also reproduce the authors' uint8 rounding in the mask "
+                      "(bit for bit)"),)
 
     def mask(self, pipe, job: Job) -> MaskOutput:
         return stage1(pipe, job.x0, job.text, job.o, job.gen, job.progress, job.emb)

@@ -42,6 +42,28 @@ def test_diffusers_folder_matches_reference(tiny):
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in sd.unet.parameters())
 
 
+def test_tokenizer_folder_with_only_tokenizer_json(tmp_path, tiny, vocab):
+    """What current transformers / diffusers save: tokenizer.json + tokenizer_config.json, no vocab.json
+    or merges.txt. The ids must equal those of the vocab.json + merges.txt folder."""
+    import shutil
+
+    from transformers import CLIPTokenizerFast
+    folder, _ = tiny
+    copy = tmp_path / "sd"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "tokenizer")
+    CLIPTokenizerFast.from_pretrained(str(vocab)).save_pretrained(str(copy / "tokenizer"))
+    for name in ("vocab.json", "merges.txt"):
+        (copy / "tokenizer" / name).unlink(missing_ok=True)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (copy / "tokenizer").iterdir()}
+    text = "a Shih-Tzu in a t-shirt, axolotl"
+    new, old = load(copy, components=("tokenizer",)).tokenizer, load(folder, components=("tokenizer",)).tokenizer
+    assert torch.equal(new.encode(text), old.encode(text)) and new.words(text) == old.words(text)
+    (copy / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(WeightsError, match="tokenizer.json"):
+        load(copy, components=("tokenizer",))
+
+
 def test_components_and_dtype(tiny):
     folder, refs = tiny
     sd = load(folder, components=("unet",), dtype=torch.bfloat16)

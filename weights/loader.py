@@ -181,8 +181,10 @@ def load_component(folder: Path, component: str, device="cpu", dtype=torch.float
 
 def load_tokenizer(folder: Path):
     from model.tokenizer import Tokenizer
-    if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
-        raise WeightsError(f"{folder}: missing tokenizer files (vocab.json and merges.txt)")
+    # SD v1 repos carry vocab.json + merges.txt; current transformers / diffusers save tokenizer.json
+    bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if not bpe_files and not (folder / "tokenizer.json").is_file():
+        raise WeightsError(f"{folder}: missing tokenizer files (vocab.json and merges.txt, or tokenizer.json)")
     try:
         return Tokenizer.from_folder(folder)
     except Exception as e:
