@@ -14,9 +14,7 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import outset
 from mask.diffedit import DiffEditMask, diffedit_mask
 from mask.instant import instant_mask
 from mask.store import AttentionStore
@@ -467,15 +466,43 @@ def build_parser() -> argparse.ArgumentParser:
 OUTPUTS = ("edited.png", "mask.png", "soft_mask.png", "overlay.png", "attention.png", "run.json")
 
 
-def _check_out(out: Path, image: Path, overwrite: bool) -> None:
+def _resolved(p: Path) -> Path:
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11's resolve)
+        raise EditError(f"{p}: cannot be resolved (a symlink loop?)") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file by path, through a symlink, or as a hard link (same st_dev and st_ino)."""
+    if _resolved(a) == _resolved(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse, before any work: an --out that cannot be a folder, earlier results without --overwrite,
+    and any input that an output (or the removal of the previous output set) would write over."""
+    if os.path.islink(out) and not os.path.exists(out):
+        raise EditError(f"{out}: --out is a dangling symlink or a symlink loop")
     if out.exists() and not out.is_dir():
         raise EditError(f"{out}: exists and is not a folder")
+    names = [out / n for n in OUTPUTS]
+    for p in names:
+        if os.path.islink(p) and not os.path.exists(p) and os.readlink(p) != os.path.join(outset.STORE, outset.CURRENT, p.name):
+            raise EditError(f"{p}: is a dangling symlink or a symlink loop; remove it or choose another --out")
     if out.is_dir() and not overwrite:
-        clash = [n for n in OUTPUTS if (out / n).exists()]
+        clash = [p for p in names if p.exists()]
         if clash:
-            raise EditError(f"{out / clash[0]}: exists (use --overwrite, or another --out)")
-    if any((out / n).resolve() == image.resolve() for n in OUTPUTS):
-        raise EditError(f"{image}: the input would be overwritten by an output; choose another --out")
+            raise EditError(f"{clash[0]}: exists (use --overwrite, or another --out)")
+    store = _resolved(out / outset.STORE)
+    for inp in inputs:
+        if any(os.path.lexists(p) and _same_file(p, inp) for p in names) or \
+                any(_resolved(p) == _resolved(inp) for p in names) or _resolved(inp).is_relative_to(store):
+            raise EditError(f"{inp}: the input would be overwritten by an output; choose another --out")
     parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise EditError(f"{parent}: is not a folder, so --out {out} cannot be created")
@@ -510,7 +537,7 @@ def run(args) -> int:
     opts.check()
     if args.no_inpaint and args.mask:
         raise EditError("--no-inpaint decodes the stage-1 result, which --mask skips: use one of them")
-    _check_out(out, image, args.overwrite)
+    _check_out(out, [image] + ([Path(args.mask)] if args.mask else []), args.overwrite)
     img = load_image(image)
     user_mask = load_mask(args.mask, img.size) if args.mask else None
     model, inpaint_model = args.model, args.inpaint_model
@@ -537,33 +564,22 @@ def run(args) -> int:
         warnings.filterwarnings("ignore", message="prompt has .* tokens")  # warned once just above
         res = pipe.edit(img, args.edit, mask=user_mask, progress=not args.quiet, **asdict(opts))
 
-    # write everything to a temporary folder first, then move: nothing half-written on failure
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
-    try:
-        res.image.save(tmp / "edited.png")
-        res.mask.save(tmp / "mask.png")
-        res.soft_mask.save(tmp / "soft_mask.png")
-        overlay(img, res.mask).save(tmp / "overlay.png")
-        if args.save_attention and res.words:
-            attention_grid(res.words, res.word_maps, res.P).save(tmp / "attention.png")
-        record = {
-            "image": str(image), "edit": args.edit, "model": model,
-            "inpaint_model": inpaint_model if needs_inpaint else None, "mask_file": args.mask,
-            "options": asdict(opts), "device": str(pipe.device), "dtype": str(dtype).removeprefix("torch."),
-            "compile": args.compile, "words": res.words, "P": res.P,
-            "timings_s": {"load": round(load_s, 3), **{k: round(v, 3) for k, v in res.timings.items()},
-                          "total": round(time.perf_counter() - t_start, 3)},
-            "versions": _versions(),
-        }
-        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-        made = sorted(tmp.iterdir())
-        for f in made:
-            os.replace(f, out / f.name)
-        for n in set(OUTPUTS) - {f.name for f in made}:  # --overwrite: no stale output of an earlier run
-            (out / n).unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    record = {
+        "image": str(image), "edit": args.edit, "model": model,
+        "inpaint_model": inpaint_model if needs_inpaint else None, "mask_file": args.mask,
+        "options": asdict(opts), "device": str(pipe.device), "dtype": str(dtype).removeprefix("torch."),
+        "compile": args.compile, "words": res.words, "P": res.P,
+        "timings_s": {"load": round(load_s, 3), **{k: round(v, 3) for k, v in res.timings.items()},
+                      "total": round(time.perf_counter() - t_start, 3)},
+        "versions": _versions(),
+    }
+    files = {"edited.png": res.image.save, "mask.png": res.mask.save, "soft_mask.png": res.soft_mask.save,
+             "overlay.png": overlay(img, res.mask).save}
+    if args.save_attention and res.words:
+        files["attention.png"] = attention_grid(res.words, res.word_maps, res.P).save
+    files["run.json"] = (json.dumps(record, indent=2) + "\n").encode()
+    # all or nothing: the new set replaces the previous one in one atomic switch (outset.py)
+    outset.publish(out, files, legacy=OUTPUTS)
     if not args.quiet:
         print(f"wrote {out}/edited.png, mask.png, soft_mask.png, overlay.png"
               + (", attention.png" if args.save_attention and res.words else "") + ", run.json"

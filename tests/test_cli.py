@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import instdiffedit
+import outset
 from instdiffedit import OUTPUTS, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,7 +53,8 @@ def image(tmp_path) -> Path:
 
 
 def files(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+    """The names a user sees (the output store, outset.STORE, holds the versions behind them)."""
+    return {p.name for p in folder.iterdir() if p.name != outset.STORE} if folder.exists() else set()
 
 
 def assert_error(rc, err, *fragments):
@@ -65,7 +67,7 @@ def assert_error(rc, err, *fragments):
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if p.name != outset.STORE}
 
 
 # ---------------------------------------------------------------- 5. end to end
@@ -335,6 +337,52 @@ def test_input_is_never_overwritten(cli, tmp_path):
     rc, _, err = cli("--image", e / "photo.png", "--edit", "a cat", "--out", e)
     assert rc == 0, err
     assert (e / "photo.png").read_bytes() == data and files(e) == BASIC | {"photo.png"}
+
+
+def test_inputs_are_never_written(cli, tmp_path):
+    """Not a --mask that is an earlier output inside --out, not through a symlink, not a hard link."""
+    out = tmp_path / "o"
+    Image.new("L", (24, 20), 255).save(tmp_path / "white.png")
+    picture().save(tmp_path / "in.png")
+    assert cli("--image", tmp_path / "in.png", "--edit", "a cat", "--out", out)[0] == 0
+    before = snapshot(out)
+    # the previous run's mask.png as --mask, reached directly and through a symlink elsewhere
+    (tmp_path / "link.png").symlink_to(out / "mask.png")
+    for mask in (out / "mask.png", tmp_path / "link.png"):
+        assert_error(*cli("--image", tmp_path / "in.png", "--edit", "a cat", "--out", out, "--overwrite",
+                          "--mask", mask)[::2], str(mask), "input would be overwritten")
+    # an input hard-linked to an output name
+    d = tmp_path / "d"
+    d.mkdir()
+    os.link(tmp_path / "in.png", d / "soft_mask.png")
+    assert_error(*cli("--image", tmp_path / "in.png", "--edit", "a cat", "--out", d, "--overwrite")[::2],
+                 "input would be overwritten")
+    # a file of the output store itself
+    store_file = out / outset.STORE / outset.CURRENT / "edited.png"
+    assert_error(*cli("--image", store_file, "--edit", "a cat", "--out", out, "--overwrite")[::2], "input")
+    assert snapshot(out) == before and files(d) == {"soft_mask.png"}
+
+
+def test_output_name_that_is_a_symlink_loop(cli, image, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    os.symlink("edited.png", out / "edited.png")  # points at itself
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", out, "--overwrite")[::2], "edited.png",
+                 "symlink loop")
+    os.symlink("loop2", tmp_path / "loop2")
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", tmp_path / "loop2")[::2], "symlink loop")
+
+
+def test_outputs_switch_as_one_set(cli, image, tmp_path):
+    """The outputs are links into the store's current version; the user's other files stay."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli("--image", image, "--edit", "a cat", "--out", out, "--save-attention")[0] == 0
+    assert all(os.path.islink(out / n) for n in ALL) and outset.current_names(out) == ALL
+    assert cli("--image", image, "--edit", "a dog", "--out", out, "--overwrite")[0] == 0
+    assert files(out) == BASIC | {"notes.txt"} and outset.current_names(out) == BASIC
+    assert len(os.listdir(out / outset.STORE)) == 2  # current and its one version folder
 
 
 # ---------------------------------------------------------------- input image modes
