@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import struct
 import sys
 import time
 import warnings
@@ -108,28 +109,44 @@ class EditResult:
 
 # ---------------------------------------------------------------- images
 
+# What Pillow's decoders and plugins raise on malformed data, after open() as well as in it (EXIF parsing
+# in exif_transpose, lazy decoding in convert): SyntaxError "not a TIFF file" from a WebP's EXIF block,
+# struct.error from a short TIFF tag, ... Named, not `Exception`, so a bug of ours still shows itself.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, TypeError, EOFError, IndexError, KeyError,
+                 ZeroDivisionError, OverflowError, MemoryError, struct.error)
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open any image PIL reads as 8-bit RGB, EXIF orientation applied, alpha composited on white."""
-    from PIL import ImageOps
+    """Open any image PIL reads as 8-bit RGB, EXIF orientation applied, alpha composited on white.
+    Every decoding step runs inside one guard: only EditError leaves this function."""
     path = Path(path)
-    if not path.is_file():
-        raise EditError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise EditError(f"{path}: empty file")
+    try:
+        if not path.is_file():
+            raise EditError(f"{path}: no such file")
+        if path.stat().st_size == 0:
+            raise EditError(f"{path}: empty file")
+    except OSError as e:  # e.g. a symlink loop, a name too long
+        raise EditError(f"{path}: cannot be read ({_one_line(e)})") from None
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            img.load()
+            with Image.open(path) as img:
+                img.load()
+                return _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise EditError(f"{path}: image is over the {MAX_PIXELS:,}-pixel limit (possible decompression bomb)") from None
-    except Exception as e:
-        raise EditError(f"{path}: not a readable image ({' '.join(str(e).split())[:150]})") from None
+    except DECODE_ERRORS as e:
+        raise EditError(f"{path}: not a readable image ({type(e).__name__}: {_one_line(e)[:150]})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """A decoded image of any mode -> RGB: EXIF orientation, 16-bit/float rescaled, alpha on white."""
+    import numpy as np
+    from PIL import ImageOps
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: rescale, don't clip
-        import numpy as np
-        a = np.asarray(img, dtype=np.float64)
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         img = Image.fromarray((a.clip(0, top) / top * 255).round().astype(np.uint8), "L")
     if img.mode == "P":
@@ -138,6 +155,10 @@ def load_image(path: str | Path) -> Image.Image:
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, img.convert("RGBA"))
     return img.convert("RGB")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def to_tensor(img: Image.Image, size: int, device, dtype) -> torch.Tensor:
