@@ -37,8 +37,49 @@ TOY_INPAINT_MODEL = str(Path(__file__).resolve().parent / "assets" / "toy-sd-inp
 MAX_PIXELS = 64_000_000  # larger inputs are refused as possible decompression bombs
 
 
+_GUIDANCE_CAUSE = ("guidance {g} too large in magnitude, broken weights, or fp16 overflow: "
+                   "try a guidance near 7.5 or --dtype fp32")
+
+
 class EditError(ValueError):
     """Bad user input; the CLI prints the message on one line and exits non-zero."""
+
+
+def check_device(device: str) -> torch.device:
+    """A device this build of torch can run on, or one EditError line saying why not."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EditError(f"--device '{device}' is not a torch device") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EditError(f"--device {device}: CUDA is not available here")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise EditError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices here")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_built():
+            raise EditError(f"--device {device}: this torch build has no MPS support")
+        if not torch.backends.mps.is_available():
+            raise EditError(f"--device {device}: MPS is not available on this machine")
+    elif d.type != "cpu":
+        raise EditError(f"--device {device}: only cpu, cuda and mps devices can run an edit")
+    return d
+
+
+def check_text(text: str, what: str) -> None:
+    """Text that can be tokenised and written to run.json: valid Unicode (no lone surrogates, which is how
+    Python hands over command-line bytes that are not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EditError(f"{what} is not valid UTF-8 text (undecodable byte at character {e.start})") from None
+
+
+def check_finite(x: torch.Tensor, stage: str, cause: str) -> torch.Tensor:
+    """Never silent garbage: one reduction per stage (not per step); a NaN/inf becomes one error line."""
+    if not bool(torch.isfinite(x).all()):
+        raise EditError(f"{stage} produced NaN or inf values ({cause})")
+    return x
 
 
 # ---------------------------------------------------------------- options and results
@@ -215,6 +256,7 @@ class InstDiffEdit:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, inpaint_model: str | None = DEFAULT_INPAINT_MODEL,
                         device: str | None = None, dtype: torch.dtype | None = None, compile: bool = False):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(device)
         dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
         sd = load(model, device=device, dtype=dtype)
         inpaint = load(inpaint_model, components=("unet",), device=device, dtype=dtype).unet if inpaint_model else None
@@ -227,6 +269,31 @@ class InstDiffEdit:
             if pipe.inpaint_unet is not None:
                 pipe.inpaint_unet = torch.compile(pipe.inpaint_unet)
         return pipe
+
+    def cross_attention_grids(self, latent: int) -> list[int]:
+        """Query grids (side) where the UNet has cross-attention, for a square latent of side `latent`:
+        the levels of its CrossAttn down/up blocks and the mid block (lowest level), from its config."""
+        c = self.unet.config
+        sides = [latent]
+        for _ in c.down_block_types[1:]:
+            sides.append((sides[-1] + 1) // 2)  # stride-2 conv, padding 1
+        grids = {sides[i] for i, t in enumerate(c.down_block_types) if t.startswith("CrossAttn")}
+        grids |= {sides[-1 - j] for j, t in enumerate(c.up_block_types) if t.startswith("CrossAttn")}
+        return sorted(grids | {sides[-1]}, reverse=True)
+
+    def check_memory(self, batch: int) -> None:
+        """Refuse a run whose UNet batch cannot fit, before allocating. The estimate is a lower bound:
+        the first level's activations (a resnet holds about 8 tensors of batch x C0 x latent pixels)
+        plus the batch's latents, so only runs that surely cannot fit are refused."""
+        latent = self.size // self.vae_factor
+        c0 = self.unet.config.block_out_channels[0]
+        item = torch.finfo(self.dtype).bits // 8
+        need = batch * latent * latent * (8 * c0 + 4 * self.unet.config.in_channels) * item
+        free = _free_memory(self.device)
+        if free is not None and need > free:
+            raise EditError(f"this run needs at least {need / 2**30:,.1f} GiB for a UNet batch of {batch} "
+                            f"(--rounds or DiffEdit samples x 2 for guidance) on {self.device}, and "
+                            f"{free / 2**30:,.1f} GiB is free")
 
     # -- text and latents
 
@@ -242,7 +309,8 @@ class InstDiffEdit:
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z / self.scale)
+        return check_finite(self.vae.decode(z / self.scale), "the VAE decoder",
+                            "its weights or scaling_factor, or fp16 overflow: try --dtype fp32")
 
     def _unet_cfg(self, unet, sampler, x, i, t, emb, guidance, extra=None, recorder=None):
         """One classifier-free-guided model prediction for a batch x of n latents; emb is (2, 77, D)."""
@@ -276,8 +344,10 @@ class InstDiffEdit:
         emb = self.encode_text(edit) if emb is None else emb
         sampler, start, z0, eps, x = self._noised(x0, o, gen, o.rounds)
         h, w = z0.shape[-2:]
-        if h % o.attention_res or w % o.attention_res:
-            raise EditError(f"attention_res {o.attention_res} does not divide the {h}x{w} latent")
+        grids = self.cross_attention_grids(h)
+        if o.attention_res not in grids:
+            raise EditError(f"attention_res {o.attention_res}: this UNet has cross-attention only at the "
+                            f"{', '.join(f'{g}x{g}' for g in grids)} grids of its {h}x{w} latent")
         store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res)
         positions = [pos for _, pos in words]
         P, res = None, None
@@ -294,6 +364,7 @@ class InstDiffEdit:
             y = sampler.add_noise_at(z0, eps, i)
             m = res.mask.to(x.dtype)
             x = y + m * (x - y)
+        check_finite(x, "stage 1 (mask-guided denoising)", _GUIDANCE_CAUSE.format(g=o.guidance))
         names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
         return MaskOutput(res.mask, res.soft, res.P, names, res.word_maps, x)
 
@@ -306,7 +377,7 @@ class InstDiffEdit:
         sampler, start, _, _, x = self._noised(x0, o, gen, 1)
         for i in _progress(range(start, len(sampler.timesteps)), progress, "sdedit"):
             x = sampler.step(self._unet_cfg(self.unet, sampler, x, i, sampler.timesteps[i], emb, o.guidance), i, x)
-        return self.decode(x)
+        return self.decode(check_finite(x, "SDEdit denoising", _GUIDANCE_CAUSE.format(g=o.guidance)))
 
     @torch.no_grad()
     def _diffedit(self, x0: torch.Tensor, emb: torch.Tensor, o: EditOptions, gen: torch.Generator) -> DiffEditMask:
@@ -315,6 +386,7 @@ class InstDiffEdit:
         t = sampler.timesteps[start]
         pred_source = self._unet_cfg(self.unet, sampler, x, start, t, self.encode_text(o.source), o.guidance)
         pred_edit = self._unet_cfg(self.unet, sampler, x, start, t, emb, o.guidance)
+        check_finite(pred_edit - pred_source, "DiffEdit's noise difference", _GUIDANCE_CAUSE.format(g=o.guidance))
         return diffedit_mask(pred_source, pred_edit, o.diffedit_ratio, o.diffedit_blur or None)
 
     # -- stage 2: inpainting finish
@@ -338,6 +410,7 @@ class InstDiffEdit:
         for i in _progress(range(len(sampler.timesteps)), progress, "inpainting"):
             t = sampler.timesteps[i]
             x = sampler.step(self._unet_cfg(self.inpaint_unet, sampler, x, i, t, emb, o.guidance, extra), i, x)
+        check_finite(x, "the inpainting finish", _GUIDANCE_CAUSE.format(g=o.guidance))
         return self.decode(x)
 
     # -- public API
@@ -346,6 +419,13 @@ class InstDiffEdit:
         o.check()
         if not edit or not edit.strip():
             raise EditError("the edit text is empty")
+        check_text(edit, "the edit text")
+        check_text(o.source, "the source text")
+        T = self.scheduler_config.num_train_timesteps
+        if o.steps > T:
+            raise EditError(f"steps {o.steps} is more than the model's {T} training timesteps")
+        self.check_memory(2 * max(o.rounds if o.method == "instdiffedit" else 1,
+                                  o.diffedit_samples if o.method == "diffedit" else 1))
         img = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
         return img, to_tensor(img, self.size, self.device, self.dtype)
 
@@ -393,6 +473,19 @@ class InstDiffEdit:
         soft = m.float() if soft is None else soft
         return EditResult(edited, map_to_pil(m, size, binary=True), map_to_pil(soft, size), P, words,
                           maps.float().cpu(), timings)
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (None where it cannot be asked)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None
 
 
 def _clock(device: torch.device) -> float:
@@ -539,11 +632,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. writing the results failed (permissions, disk full): one line, no traceback
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"error: out of memory ({_one_line(e)[:120]}); try fewer --rounds, --dtype fp16 on CUDA, "
+              "or a smaller model", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # the CPU allocator reports a failed allocation as a plain RuntimeError
+        if "allocate" not in str(e) and "out of memory" not in str(e):
+            return _internal(e)
+        print(f"error: out of memory ({_one_line(e)[:120]}); try fewer --rounds, --dtype fp16 on CUDA, "
+              "or a smaller model", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 -- the top level only: a bug is one line, with how to see it all
+        return _internal(e)
+
+
+TRACEBACK_ENV = "INSTDIFFEDIT_TRACEBACK"
+
+
+def _internal(e: BaseException) -> int:
+    """An exception no check anticipated is a bug of ours, not bad input: say so in one line (exit 3) and
+    tell how to get the traceback, which INSTDIFFEDIT_TRACEBACK=1 prints (tests and CI set it)."""
+    if os.environ.get(TRACEBACK_ENV):
+        raise e
+    print(f"error: internal error, please report it: {type(e).__name__}: {_one_line(e)[:200]} "
+          f"(rerun with {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+    return 3
 
 
 def run(args) -> int:
@@ -551,6 +669,8 @@ def run(args) -> int:
     image, out = Path(args.image), Path(args.out)
     if not args.edit.strip():
         raise EditError("--edit is empty")
+    check_text(args.edit, "--edit")
+    check_text(args.source, "--source")
     opts = EditOptions(strength=args.strength, threshold=args.threshold, rounds=args.rounds, steps=args.steps,
                        guidance=args.guidance, sampler=args.sampler, seed=args.seed, attention=args.attention,
                        attention_res=args.attention_res,
@@ -566,12 +686,7 @@ def run(args) -> int:
         model, inpaint_model = TOY_MODEL, inpaint_model or TOY_INPAINT_MODEL
     inpaint_model = inpaint_model or DEFAULT_INPAINT_MODEL
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise EditError(f"--device '{device}' is not a torch device") from None
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise EditError(f"--device {device}: CUDA is not available here")
+    check_device(device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
 
     tic = time.perf_counter()

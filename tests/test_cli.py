@@ -234,6 +234,74 @@ def test_bad_options(cli, image, tmp_path, args, fragment):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args,fragments", [
+    (["--steps", "1001"], ["steps 1001", "1000 training timesteps"]),
+    (["--attention-res", "2"], ["attention_res 2", "8x8, 4x4"]),  # divides the 8x8 latent, but no layer there
+    (["--device", "meta"], ["meta", "only cpu, cuda and mps"]),
+    (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "cuda:99"], ["cuda"]),
+    (["--device", "mps"], ["mps"]),
+    (["--device", "tpu"], ["tpu"]),
+    (["--edit", "a \udcff cat"], ["--edit", "not valid UTF-8"]),
+    (["--method", "diffedit", "--source", "a \udcfe"], ["--source", "not valid UTF-8"]),
+])
+def test_model_dependent_and_environment_errors(cli, image, tmp_path, args, fragments):
+    import torch
+    if args[:2] == ["--device", "mps"] and torch.backends.mps.is_available():
+        pytest.skip("MPS is available here")
+    argv = ["--image", image, "--edit", "a cat", "--out", tmp_path / "o"] + args
+    assert_error(*cli(*argv)[::2], *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+def test_memory_estimate_refuses_before_allocating(cli, image, tmp_path, monkeypatch):
+    monkeypatch.setattr(instdiffedit, "_free_memory", lambda device: 2 ** 20)  # 1 MiB free
+    monkeypatch.setattr(instdiffedit.InstDiffEdit, "_stage1", lambda *a, **k: pytest.fail("ran stage 1"))
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", tmp_path / "o", "--rounds", 64)[::2],
+                 "needs at least", "UNet batch of 128", "GiB is free")
+    assert not (tmp_path / "o").exists()
+
+
+def test_memory_estimate_of_an_absurd_run(pipe):
+    """A million rounds at SD v1.4's size would need terabytes: refused against the real free memory."""
+    with pytest.raises(instdiffedit.EditError, match="needs at least"):
+        pipe.check_memory(2 * 10 ** 9)
+
+
+@pytest.mark.parametrize("guidance", ["-1e38", "3e38"])
+def test_non_finite_stages_are_an_error_not_a_black_image(cli, image, tmp_path, guidance):
+    out = tmp_path / "o"
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", out, f"--guidance={guidance}")[::2],
+                 "produced NaN or inf", "guidance")
+    assert not out.exists()
+
+
+def test_non_finite_decoder_output_names_the_vae(cli, image, tmp_path, monkeypatch):
+    from model.vae import AutoencoderKL
+    real = AutoencoderKL.decode
+    monkeypatch.setattr(AutoencoderKL, "decode", lambda self, z: real(self, z) * float("nan"))
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", tmp_path / "o")[::2], "VAE decoder")
+
+
+def test_out_of_memory_and_internal_errors_are_one_line(cli, image, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 17592186044416 bytes.")
+    monkeypatch.setattr(instdiffedit.InstDiffEdit, "edit", oom)
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", tmp_path / "o")[::2], "out of memory",
+                 "--rounds")
+
+    def bug(*a, **k):
+        return 1 / 0
+    monkeypatch.setattr(instdiffedit.InstDiffEdit, "edit", bug)
+    monkeypatch.delenv(instdiffedit.TRACEBACK_ENV, raising=False)
+    rc, _, err = cli("--image", image, "--edit", "a cat", "--out", tmp_path / "o")
+    assert rc == 3
+    assert_error(rc, err, "internal error", "ZeroDivisionError", instdiffedit.TRACEBACK_ENV)
+    monkeypatch.setenv(instdiffedit.TRACEBACK_ENV, "1")
+    with pytest.raises(ZeroDivisionError):
+        cli("--image", image, "--edit", "a cat", "--out", tmp_path / "o")
+
+
 def test_edit_text_over_75_tokens_warns_and_succeeds(cli, image, tmp_path):
     edit = " ".join(["dog"] * 90)
     rc, _, err = cli("--image", image, "--edit", edit, "--out", tmp_path / "o")
