@@ -154,7 +154,8 @@ class EditResult:
 # in exif_transpose, lazy decoding in convert): SyntaxError "not a TIFF file" from a WebP's EXIF block,
 # struct.error from a short TIFF tag, ... Named, not `Exception`, so a bug of ours still shows itself.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, TypeError, EOFError, IndexError, KeyError,
-                 ZeroDivisionError, OverflowError, MemoryError, struct.error)
+                 ZeroDivisionError, OverflowError, MemoryError, RecursionError, NotImplementedError,
+                 struct.error)
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -605,8 +606,9 @@ def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise EditError(f"{out}: exists and is not a folder")
     names = [out / n for n in OUTPUTS]
-    for p in names:
-        if os.path.islink(p) and not os.path.exists(p) and os.readlink(p) != os.path.join(outset.STORE, outset.CURRENT, p.name):
+    for p in names:  # a dangling link of our own is litter of an interrupted run: outset removes it
+        ours = os.path.join(outset.STORE, outset.CURRENT, p.name)
+        if os.path.islink(p) and not os.path.exists(p) and os.readlink(p) != ours:
             raise EditError(f"{p}: is a dangling symlink or a symlink loop; remove it or choose another --out")
     if out.is_dir() and not overwrite:
         clash = [p for p in names if p.exists()]
@@ -634,12 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # e.g. writing the results failed (permissions, disk full): one line, no traceback
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
-    except (MemoryError, torch.OutOfMemoryError) as e:
-        print(f"error: out of memory ({_one_line(e)[:120]}); try fewer --rounds, --dtype fp16 on CUDA, "
-              "or a smaller model", file=sys.stderr)
-        return 1
-    except RuntimeError as e:  # the CPU allocator reports a failed allocation as a plain RuntimeError
-        if "allocate" not in str(e) and "out of memory" not in str(e):
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError, and so is the
+        # CPU allocator's "can't allocate memory"; any other RuntimeError is not anticipated
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
+                and "allocate" not in str(e) and "out of memory" not in str(e):
             return _internal(e)
         print(f"error: out of memory ({_one_line(e)[:120]}); try fewer --rounds, --dtype fp16 on CUDA, "
               "or a smaller model", file=sys.stderr)

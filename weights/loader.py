@@ -114,7 +114,8 @@ def build(component: str, tensors: dict[str, Getter], label: str, config: dict |
         with torch.device("meta"):
             model = cls(cfg)
     except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:  # e.g. heads not dividing the width
-        raise WeightsError(f"{config_label}: the config does not describe a buildable {component} ({_one_line(e)})") from None
+        raise WeightsError(f"{config_label}: the config does not describe a buildable {component} "
+                           f"({_one_line(e)})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tensors = {k: g for k, g in tensors.items() if not k.endswith("position_ids")}  # a buffer in HF, not a weight
 
