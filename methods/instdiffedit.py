@@ -14,7 +14,7 @@ import torch
 from mask.instant import instant_mask
 from mask.store import AttentionStore
 
-from .base import Edited, Job, MaskOutput, Method, register
+from .base import Edited, Job, MaskOutput, Method, check_finite, guidance_cause, register
 from .options import EditError, EditOptions, Option
 
 
@@ -26,8 +26,10 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
     emb = pipe.encode_text(edit) if emb is None else emb
     sampler, start, z0, eps, x = pipe.noised(x0, o, gen, o.rounds)
     h, w = z0.shape[-2:]
-    if h % o.attention_res or w % o.attention_res:
-        raise EditError(f"attention_res {o.attention_res} does not divide the {h}x{w} latent")
+    grids = pipe.cross_attention_grids(h)
+    if o.attention_res not in grids:
+        raise EditError(f"attention_res {o.attention_res}: this UNet has cross-attention only at the "
+                        f"{', '.join(f'{g}x{g}' for g in grids)} grids of its {h}x{w} latent")
     store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res)
     positions = [pos for _, pos in words]
     P, res = None, None
@@ -44,6 +46,7 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
         y = sampler.add_noise_at(z0, eps, i)
         m = res.mask.to(x.dtype)
         x = y + m * (x - y)
+    check_finite(x, "stage 1 (mask-guided denoising)", guidance_cause(o.guidance))
     names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
     return MaskOutput(res.mask, res.soft, res.P, names, res.word_maps, x)
 
@@ -54,6 +57,9 @@ class InstDiffEdit(Method):
     help = "the instant attention mask + inpainting (the paper's method)"
     options = (Option("exact_authors", bool, False, "also reproduce the authors' uint8 rounding in the mask "
                       "(bit for bit)"),)
+
+    def unet_batch(self, o: EditOptions) -> int:
+        return 2 * o.rounds
 
     def mask(self, pipe, job: Job) -> MaskOutput:
         return stage1(pipe, job.x0, job.text, job.o, job.gen, job.progress, job.emb)
