@@ -377,6 +377,20 @@ def test_ddim_posterior_sample_and_step_noise_match_cyclediffusion(dtype):
     assert torch.equal(x, x0)
 
 
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_ddim_noise_of_step_inverts_step_for_every_prediction_type(prediction_type):
+    """diffusers' compute_noise assumes epsilon; ours converts the output like step() does, so stepping
+    with the recovered noise lands on the given sample for v and x0 predictions too (fp64)."""
+    ours, _ = pair("ddim", prediction_type)
+    ours.set_timesteps(20)
+    g = torch.Generator().manual_seed(6)
+    for i in (0, 7, 19):
+        x, out, target = (torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(3))
+        z = ours.noise_of_step(out, i, x, target, 0.3)
+        assert (ours.step(out, i, x, eta=0.3, variance_noise=z) - target).abs().max().item() <= 1e-9
+
+
 def test_restart_order_option():
     g = torch.Generator().manual_seed(4)
     table = torch.randn(50, *SHAPE, generator=g, dtype=torch.float64)
