@@ -1,14 +1,14 @@
 """CycleDiffusion (methods/cyclediffusion.py) on the tiny random SD models (tests/conftest.py): latents and
 decoded image against diffusers' CycleDiffusionPipeline on the same modules, seed and settings; the
-official schedule; UNet evaluations per step; bad input."""
+official schedule; UNet evaluations counted per edit; the registry's front ends; bad input."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from instdiffedit import EditError
-from methods.cyclediffusion import CycleDiffusionOptions, cycle_latents, cyclediffusion
-from tests.test_pipeline import LATENT, _image
+from methods import EditError
+from methods.cyclediffusion import cycle_latents
+from tests.test_pipeline import LATENT, _image, _pil
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -42,15 +42,16 @@ def test_matches_diffusers_cyclediffusion_pipeline(pipe, tiny_sd, guidance, sour
     ref = _reference(tiny_sd)
     x0, seed = _image(2), 77
     edit, source = "a red apple on a table", "a green pear"
-    o = CycleDiffusionOptions(steps=12, strength=0.75, guidance=guidance, source_guidance=source_guidance, eta=0.1)
+    o = pipe.options("cyclediffusion", steps=12, strength=0.75, guidance=guidance,
+                     cycle_source_guidance=source_guidance, cycle_eta=0.1, source=source)
 
     ours_lat = cycle_latents(pipe, x0, pipe.encode_text(edit), pipe.encode_text(source), o,
                              torch.Generator().manual_seed(seed))
-    ours_img = cyclediffusion(pipe, x0, edit, source, o, torch.Generator().manual_seed(seed))
+    ours_img = pipe.decode(ours_lat)
 
     kw = dict(prompt=edit, source_prompt=source, image=(x0 + 1) / 2, strength=o.strength,
-              num_inference_steps=o.steps, guidance_scale=o.guidance, source_guidance_scale=o.source_guidance,
-              eta=o.eta)
+              num_inference_steps=o.steps, guidance_scale=o.guidance, source_guidance_scale=o.cycle_source_guidance,
+              eta=o.cycle_eta)
     ref_lat = ref(**kw, generator=torch.Generator().manual_seed(seed), output_type="latent").images
     ref_img = ref(**kw, generator=torch.Generator().manual_seed(seed), output_type="pt").images  # [0, 1], clamped
 
@@ -70,44 +71,42 @@ def test_default_schedule_is_the_official_one(pipe):
     skip_steps 30 -> the run starts at timestep ddim_timesteps[99 - 30 - 1] (its `alphas[refine_steps - 1]`)."""
     from sampler import DDIMSampler
 
-    o = CycleDiffusionOptions()
-    s = DDIMSampler(pipe.scheduler_config)
-    s.set_timesteps(o.steps)
+    o = pipe.options("cyclediffusion")
+    s = pipe.sampler(o)
+    assert isinstance(s, DDIMSampler)
     official = [t + 1 for t in range(0, 1000, 1000 // 99)][:99]
     assert s.timesteps.tolist() == official[::-1]
     skip = 30
     assert s.start_index(o.strength) == skip
     assert int(s.timesteps[s.start_index(o.strength)]) == official[99 - skip - 1]
-    assert (o.eta, o.source_guidance, o.guidance) == (0.1, 1.0, 3.0)
+    assert (o.cycle_eta, o.cycle_source_guidance, o.guidance) == (0.1, 1.0, 3.0)
 
 
 @pytest.mark.parametrize("guidance,source_guidance,per_step", [(3.0, 1.0, 3), (1.0, 1.0, 2), (3.0, 2.0, 4)])
-def test_unet_image_evaluations_per_step(pipe, guidance, source_guidance, per_step):
-    """A branch at scale 1 is evaluated on its conditional text only (the official code's cost)."""
-    calls = []
-
-    def unet(x, t, ctx):
-        calls.append(x.shape[0])
-        return pipe.unet(x, t, ctx)
-
-    o = CycleDiffusionOptions(steps=10, strength=0.5, guidance=guidance, source_guidance=source_guidance)
-    cycle_latents(pipe, _image(0), pipe.encode_text("a cat"), pipe.encode_text("a dog"), o,
-                  torch.Generator().manual_seed(0), unet=unet)
-    assert calls == [per_step] * 5
+def test_edit_counts_unet_image_evaluations(pipe, guidance, source_guidance, per_step):
+    """pipe.edit through the registry; a branch at scale 1 is evaluated on its conditional text alone (the
+    official code's cost), counted at the call: per_step x the int(steps r) steps run."""
+    res = pipe.edit(_pil(0), "a cat", method="cyclediffusion", source="a dog", steps=10, strength=0.5,
+                    guidance=guidance, cycle_source_guidance=source_guidance)
+    assert res.unet_evals == res.unet_evals_by_model["unet"] == per_step * 5
+    assert res.image.size == (24, 20) and res.P == [] and res.word_maps.shape[0] == 0
 
 
 def test_same_seed_same_output_and_bad_input(pipe):
-    o = CycleDiffusionOptions(steps=6, strength=0.5)
-    a = cyclediffusion(pipe, _image(0), "a cat", "a dog", o)
-    assert torch.equal(a, cyclediffusion(pipe, _image(0), "a cat", "a dog", o))
-    assert not torch.equal(a, cyclediffusion(pipe, _image(0), "a cat", "a dog", CycleDiffusionOptions(6, 0.5, seed=1)))
-    for source in (None, "", "  "):
-        with pytest.raises(EditError, match="needs a source text"):
-            cyclediffusion(pipe, _image(0), "a cat", source, o)
-    with pytest.raises(EditError, match="edit text is empty"):
-        cyclediffusion(pipe, _image(0), " ", "a dog", o)
-    for bad, what in [(dict(eta=0.0), "eta 0.0"), (dict(eta=1.5), "eta 1.5"), (dict(strength=0.0), "strength"),
-                      (dict(steps=4, strength=0.2), "leaves no step"), (dict(guidance=-1.0), "guidance -1.0"),
-                      (dict(source_guidance=-2.0), "source_guidance -2.0"), (dict(steps=0), "steps 0")]:
+    kw = dict(method="cyclediffusion", source="a dog", steps=6, strength=0.5)
+    a = pipe.edit(_pil(0), "a cat", **kw).image.tobytes()
+    assert a == pipe.edit(_pil(0), "a cat", **kw).image.tobytes()
+    assert a != pipe.edit(_pil(0), "a cat", **kw, seed=1).image.tobytes()
+    for source in ("", "  "):
+        with pytest.raises(EditError, match="needs the text of what the image shows"):
+            pipe.edit(_pil(0), "a cat", **{**kw, "source": source})
+    with pytest.raises(EditError, match="takes no mask"):
+        pipe.edit(_pil(0), "a cat", mask=torch.ones(4, 4, dtype=torch.bool), **kw)
+    with pytest.raises(EditError, match="makes no mask"):
+        pipe.mask(_pil(0), "a cat", **kw)
+    for bad, what in [(dict(cycle_eta=0.0), "cycle_eta 0.0 is outside"), (dict(cycle_eta=1.5), "cycle_eta 1.5"),
+                      (dict(sampler="lms"), "sampler 'lms' does not apply"), (dict(inpaint=False), "never inpaints"),
+                      (dict(strength=0.1), "leaves no step"), (dict(cycle_source_guidance=-2.0), "outside"),
+                      (dict(rounds=2, diffedit_samples=3), "diffedit_samples' does not apply")]:
         with pytest.raises(EditError, match=what):
-            CycleDiffusionOptions(**bad).check()
+            pipe.edit(_pil(0), "a cat", **{**kw, **bad})
