@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from methods import REGISTRY, EditError, EditOptions, Job, MaskOutput, add_arguments, get_method, options_from_args
+from methods import EditError, EditOptions, Job, MaskOutput, add_arguments, get_method, options_from_args
 from sampler import SchedulerConfig, cfg, make_sampler
 from weights import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, WeightsError, load
 

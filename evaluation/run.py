@@ -20,10 +20,10 @@ from .datasets import parse_list
 from .runner import run_dataset
 
 
-def main(argv=None) -> int:
-    from instdiffedit import DTYPES, EditError, InstDiffEdit
-    from methods import EditOptions, add_arguments, get_method, options_from_args
-    from weights import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, WeightsError
+def build_parser() -> argparse.ArgumentParser:
+    from instdiffedit import DTYPES
+    from methods import add_arguments
+    from weights import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--list", required=True, help="dataset list file (Editing-Mask, ImageNet or Imagen format)")
@@ -36,7 +36,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--limit", type=int, default=None, help="stop after this many new items")
     add_arguments(p)  # --method and every method's options, as in instdiffedit.py
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    from instdiffedit import DTYPES, EditError, InstDiffEdit
+    from methods import EditOptions, get_method, options_from_args
+    from weights import WeightsError
+
+    args = build_parser().parse_args(argv)
     options = options_from_args(args)  # the source text comes from each item, not from --source
     method = get_method(args.method)
     try:
