@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench eval-toy table1 toy-model clean
+.PHONY: test test-fast demo page page-setup bench eval-toy table1 toy-model clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,21 @@ demo: $(STAMP)
 		--out out/demo --save-attention --overwrite
 
 DEMO_EDIT ?= a blue circle
+
+# the optional web page (page.py) on http://127.0.0.1:7860, toy model by default; e.g. PAGE_ARGS="--model ./sd14"
+page: $(PAGE)
+	$(BIN)/python page.py $(PAGE_ARGS)
+
+# Gradio pins pillow<13 but runs with the core's pillow, which stays: gradio without its dependencies, then
+# the others it lists (none is torch or torchvision)
+PAGE := $(VENV)/.installed-page
+page-setup: $(PAGE)
+$(PAGE): $(STAMP) requirements-page.txt
+	$(BIN)/pip install -q --no-deps -r requirements-page.txt
+	$(BIN)/python -c "from importlib.metadata import requires; print('\n'.join(r for r in requires('gradio') \
+		if 'extra ==' not in r and not r.lower().startswith('pillow')))" > $(VENV)/page-requirements.txt
+	$(BIN)/pip install -q -r $(VENV)/page-requirements.txt
+	touch $@
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_models.py

@@ -103,7 +103,7 @@ class Page:
         res = out / "out"
         record = json.loads((res / "run.json").read_text())
         pictures = tuple(str(res / n) if (res / n).is_file() else None for n in PICTURES)
-        words = "\n".join(f"| {w} | {p:+d} |" for w, p in zip(record.get("words", []), record.get("P", [])))
+        words = "\n".join(f"| `{w}` | {p:+d} |" for w, p in zip(record.get("words", []), record.get("P", [])))
         table = "| word | P (Eq. 8) |\n|---|---|\n" + words if words else "(this method makes no word maps)"
         archive = out / "instdiffedit-outputs.zip"
         with zipfile.ZipFile(archive, "w") as z:
@@ -143,10 +143,12 @@ def build(page: Page):
                     "mask, those that resemble the rest of the image (P = -1) are subtracted (Eq. 6-9).")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", label="image", elem_id="input-image", height=256)
+                image = gr.Image(type="filepath", label="image", elem_id="input-image", height=256,
+                                 sources=["upload", "clipboard"])
                 edit = gr.Textbox(label="edit text", placeholder="a blue circle", elem_id="edit")
-                method = gr.Dropdown(list(REGISTRY), value="instdiffedit", label="method", elem_id="method",
-                                     info="; ".join(f"{n}: {m.help}" for n, m in REGISTRY.items()))
+                method = gr.Dropdown(list(REGISTRY), value="instdiffedit", label="method", elem_id="method")
+                with gr.Accordion("the methods", open=False):
+                    gr.Markdown("\n".join(f"- **{n}**: {m.help}" for n, m in REGISTRY.items()))
                 source = gr.Textbox(label="source text (what the image shows; DiffEdit, CycleDiffusion)",
                                     elem_id="source")
                 values = [control(gr, SHARED_BY_NAME[name], label) for name, label in CONTROLS]

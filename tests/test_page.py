@@ -1,0 +1,137 @@
+"""The web page (page.py) in a real headless browser: start the server on a free port, show the CLI's
+error line for bad input (no image, an out-of-range value, an image over the pixel limit) while the
+server keeps serving, then run one toy edit and check that the result and the mask appear.
+
+Needs Gradio (requirements-page.txt), selenium (requirements-dev.txt) and Debian's chromium and
+chromium-driver (.ci/run installs them); skipped with the reason where one is missing. The screenshot
+is kept in out/test-page/page.png."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "out" / "test-page"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+pytestmark = [
+    pytest.mark.slow,  # about 40 s on 2 busy cores: server start, four clicks, one 10-step toy edit
+    pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="no gradio (pip install -r requirements-page.txt)"),
+    pytest.mark.skipif(importlib.util.find_spec("selenium") is None, reason="no selenium (requirements-dev.txt)"),
+    pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no chromium and chromedriver (apt-get install chromium chromium-driver)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("page") / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(REPO / "page.py"), "--port", str(port), "--device", "cpu"],
+                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):  # Gradio's import alone takes ~10 s on a busy machine
+            if proc.poll() is not None:
+                pytest.fail(f"page.py exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"page.py did not answer on {url}: {log.read_text()[-2000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2000"):
+        opts.add_argument(a)
+    d = webdriver.Chrome(options=opts, service=Service(DRIVER))  # the system driver: nothing is downloaded
+    yield d
+    d.quit()
+
+
+def test_page_errors_then_edit(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    wait = WebDriverWait(d, 90)
+    d.get(server)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#run"))
+
+    def status_after_click() -> str:
+        box = d.find_element(By.CSS_SELECTOR, "#status textarea")
+        d.execute_script("arguments[0].value = ''", box)  # so a repeated message is seen as new
+        d.find_element(By.CSS_SELECTOR, "#run").click()
+        wait.until(lambda d: box.get_attribute("value").strip())
+        return box.get_attribute("value")
+
+    def set_value(css: str, text: str) -> None:
+        box = d.find_element(By.CSS_SELECTOR, css)
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(text)
+
+    def upload(path: Path) -> None:
+        d.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(path))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"))
+
+    # the CLI's own lines (instdiffedit.py gives the same for the same values)
+    set_value("#edit textarea", "a blue circle")
+    assert status_after_click() == "error: the following arguments are required: --image"
+    upload(REPO / "assets" / "examples" / "scene.png")
+    set_value("#opt-rounds input", "0")
+    assert status_after_click() == "error: rounds 0 is outside [1, 1024]"
+    set_value("#opt-rounds input", "2")
+    set_value("#opt-steps input", "10")
+    big = tmp_path / "big.png"  # 8193 x 8193 = 67.1 M pixels, over the 64 M limit; a 200 kB file
+    Image.new("L", (8193, 8193), 255).save(big)
+    d.find_element(By.CSS_SELECTOR, "#input-image button[aria-label='Remove Image']").click()
+    upload(big)
+    assert status_after_click() == ("error: big.png: image is over the 64,000,000-pixel limit "
+                                    "(possible decompression bomb)")
+
+    # the server kept serving: one toy edit, 10 steps
+    d.find_element(By.CSS_SELECTOR, "#input-image button[aria-label='Remove Image']").click()
+    upload(REPO / "assets" / "examples" / "scene.png")
+    status = status_after_click()
+    assert status.startswith("done in"), status
+    for part in ("result", "mask", "soft-mask", "attention"):
+        img = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{part} img"))[0]
+        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
+        assert img.get_attribute("naturalWidth") not in (None, "0"), part
+    words = d.find_element(By.CSS_SELECTOR, "#words").text
+    assert "blue" in words and "circle" in words and "P (Eq. 8)" in words
+    assert d.find_elements(By.CSS_SELECTOR, "#download a"), "no download link for the outputs"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "page.png"
+    d.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
