@@ -7,7 +7,9 @@ chromium-driver (.ci/run installs them); skipped with the reason where one is mi
 is kept in out/test-page/page.png."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import shutil
 import socket
@@ -78,7 +80,23 @@ def browser():
     d.quit()
 
 
+def cli_error(image: Path | None, *flags: str) -> str:
+    """The error line instdiffedit.py prints for the same input (the uploaded copy is named like the file:
+    the page names it without the server's upload folder)."""
+    import instdiffedit
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = instdiffedit.main(([f"--image={image}"] if image else []) + ["--model", "toy", *flags])
+        except SystemExit as e:  # argparse
+            code = e.code
+    assert code == 2
+    line = err.getvalue().strip().splitlines()[-1].replace("instdiffedit.py: error:", "error:")
+    return line.replace(str(image), image.name) if image else line
+
+
 def test_page_errors_then_edit(server, browser, tmp_path):
+    from selenium.common.exceptions import ElementClickInterceptedException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -88,10 +106,19 @@ def test_page_errors_then_edit(server, browser, tmp_path):
     d.get(server)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#run"))
 
+    def click(css: str) -> None:  # once nothing lies over it (Gradio's loading overlays come and go)
+        def clicked(d):
+            try:
+                d.find_element(By.CSS_SELECTOR, css).click()
+                return True
+            except ElementClickInterceptedException:
+                return False
+        wait.until(clicked)
+
     def status_after_click() -> str:
         box = d.find_element(By.CSS_SELECTOR, "#status textarea")
         d.execute_script("arguments[0].value = ''", box)  # so a repeated message is seen as new
-        d.find_element(By.CSS_SELECTOR, "#run").click()
+        click("#run")
         wait.until(lambda d: box.get_attribute("value").strip())
         return box.get_attribute("value")
 
@@ -104,24 +131,34 @@ def test_page_errors_then_edit(server, browser, tmp_path):
         d.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(path))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"))
 
-    # the CLI's own lines (instdiffedit.py gives the same for the same values)
+    # bad input: the CLI's own line for the same input, in the page
+    scene = REPO / "assets" / "examples" / "scene.png"
+    out = f"--out={tmp_path / 'cli'}"
     set_value("#edit textarea", "a blue circle")
-    assert status_after_click() == "error: the following arguments are required: --image"
-    upload(REPO / "assets" / "examples" / "scene.png")
+    assert status_after_click() == cli_error(None, "--edit=a blue circle", out) \
+        == "error: the following arguments are required: --image"
+    upload(scene)
     set_value("#opt-rounds input", "0")
-    assert status_after_click() == "error: rounds 0 is outside [1, 1024]"
+    assert status_after_click() == cli_error(scene, "--edit=a blue circle", "--rounds=0", out) \
+        == "error: rounds 0 is outside [1, 1024]"
     set_value("#opt-rounds input", "2")
     set_value("#opt-steps input", "10")
+    set_value("#edit textarea", " ")
+    assert status_after_click() == cli_error(scene, "--edit= ", out) == "error: --edit is empty"
+    set_value("#edit textarea", "a blue circle")
     big = tmp_path / "big.png"  # 8193 x 8193 = 67.1 M pixels, over the 64 M limit; a 200 kB file
     Image.new("L", (8193, 8193), 255).save(big)
-    d.find_element(By.CSS_SELECTOR, "#input-image button[aria-label='Remove Image']").click()
-    upload(big)
-    assert status_after_click() == ("error: big.png: image is over the 64,000,000-pixel limit "
-                                    "(possible decompression bomb)")
+    text = tmp_path / "notes.png"  # not an image at all
+    text.write_text("not an image\n")
+    for bad, says in ((big, "image is over the 64,000,000-pixel limit"), (text, "not a readable image")):
+        click("#input-image button[aria-label='Remove Image']")
+        d.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(bad))
+        line = status_after_click()
+        assert line == cli_error(bad, "--edit=a blue circle", out) and says in line, line
 
     # the server kept serving: one toy edit, 10 steps
-    d.find_element(By.CSS_SELECTOR, "#input-image button[aria-label='Remove Image']").click()
-    upload(REPO / "assets" / "examples" / "scene.png")
+    click("#input-image button[aria-label='Remove Image']")
+    upload(scene)
     status = status_after_click()
     assert status.startswith("done in"), status
     for part in ("result", "mask", "soft-mask", "attention"):

@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""A local web page to try an edit and see why it works: upload an image, type the edit, watch the mask.
+
+    pip install -r requirements-page.txt      # Gradio: an optional extra, the core does not need it
+    python page.py                            # the bundled toy model, offline: http://127.0.0.1:7860
+    python page.py --model CompVis/stable-diffusion-v1-4 --device cuda --port 7861
+
+The page is a face of the command line, not a second implementation. Its controls are built from the
+option specs (methods/options.py: ranges, defaults, choices); each click turns them into the CLI's
+arguments and runs the CLI's own `main` into a fresh output folder, so the checks, the pipeline, the
+figures and run.json are the CLI's, and bad input shows the CLI's one-line `error:` in the page.
+Flags this script does not know (--model, --inpaint-model, --device, --dtype, --guidance, ...) are
+passed to every edit as they are; --model defaults to the toy model here.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import instdiffedit
+from methods import REGISTRY, EditError, Option
+from methods.options import SHARED_BY_NAME
+
+HERE = Path(__file__).resolve().parent
+EXAMPLE = HERE / "assets" / "examples" / "scene.png"
+# The page's controls: (option, label). Everything else keeps the CLI's default or the page's flags.
+CONTROLS = (("strength", "r: noise strength"), ("threshold", "phi: mask threshold"), ("rounds", "rounds n"),
+            ("steps", "steps"), ("seed", "seed"))
+# What the CLI writes, in the order the page shows it; a picture missing from a run is shown empty.
+PICTURES = ("edited.png", "overlay.png", "soft_mask.png", "attention.png", "steps.png")
+KEEP_RUNS = 8  # output folders of earlier clicks kept for their downloads; older ones are removed
+
+
+def control(gr, spec: Option, label: str):
+    """A Gradio control from an option's spec: a slider over a finite float range, else a number box.
+    Number boxes get no min/max of their own, so an out-of-range value reaches the CLI's check and
+    shows the CLI's message; the range is written under the box."""
+    info = f"{spec.help}; in {spec.range_text()}"
+    if spec.type is float and spec.min is not None and spec.max is not None:
+        return gr.Slider(spec.min, spec.max, value=spec.default, step=0.01, label=label, info=info,
+                         elem_id=f"opt-{spec.name}")
+    return gr.Number(value=spec.default, precision=0 if spec.type is int else None, label=label, info=info,
+                     elem_id=f"opt-{spec.name}")
+
+
+def cli_argv(image: str | None, edit: str, method: str, source: str, values: dict, out: Path,
+             flags: list[str]) -> list[str]:
+    """The page's values as the CLI's arguments (`--flag=value`, so a negative number stays a value).
+    A box left empty is left out: the CLI's default applies, as when the flag is not given."""
+    argv = ([f"--image={image}"] if image else []) + [f"--edit={edit}", f"--method={method}", f"--out={out}",
+                                                      "--save-attention", "--overwrite", *flags]
+    if source:
+        argv.append(f"--source={source}")
+    for name, value in values.items():
+        spec = SHARED_BY_NAME[name]
+        if value is not None:  # an int option's 3.0 is 3; 2.5 stays 2.5, for the CLI to refuse
+            argv.append(f"{spec.cli_flag}={int(value) if spec.type is int and float(value).is_integer() else value}")
+    return argv
+
+
+def run_cli(argv: list[str]) -> tuple[int, list[str]]:
+    """The CLI's main on `argv`: its exit code and what it said on stderr (warnings, the error line).
+    An argparse error (a missing --image, a value that is not a number) exits; its message is kept."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):  # "wrote ...": the page shows it
+        try:
+            code = instdiffedit.main(argv)
+        except SystemExit as e:  # argparse: usage line, then "instdiffedit.py: error: ..."
+            code = e.code if isinstance(e.code, int) else 2
+    lines = [ln for ln in err.getvalue().splitlines() if ln.strip() and not ln.startswith("usage:")
+             and not ln.startswith(" ")]
+    return code, [ln.removeprefix(f"{instdiffedit.build_parser().prog}: ") for ln in lines]
+
+
+class Page:
+    """One page server: the fixed CLI flags and a folder of per-click output folders."""
+
+    def __init__(self, flags: list[str]):
+        self.flags = flags
+        self.root = Path(tempfile.mkdtemp(prefix="instdiffedit-page-"))  # runs/ (one folder per click), examples/
+        (self.root / "runs").mkdir()
+
+    def edit(self, image, edit, method, source, *values, progress=None):
+        """One click: run the CLI into a fresh folder; return the status line, the pictures, the words
+        with their P, and the downloads (a zip of the outputs, run.json)."""
+        out = self._fresh()
+        argv = cli_argv(image, edit or "", method, source or "", dict(zip([n for n, _ in CONTROLS], values)),
+                        out / "out", self.flags)
+        tic = time.perf_counter()
+        code, said = run_cli(argv)
+        empty = (None,) * len(PICTURES) + ("", None, None)
+        if code != 0:
+            line = next((ln for ln in reversed(said) if ln.startswith("error:")), f"error: exit status {code}")
+            return (line.replace(str(image), Path(image).name) if image else line, *empty)
+        res = out / "out"
+        record = json.loads((res / "run.json").read_text())
+        pictures = tuple(str(res / n) if (res / n).is_file() else None for n in PICTURES)
+        words = "\n".join(f"| `{w}` | {p:+d} |" for w, p in zip(record.get("words", []), record.get("P", [])))
+        table = "| word | P (Eq. 8) |\n|---|---|\n" + words if words else "(this method makes no word maps)"
+        archive = out / "instdiffedit-outputs.zip"
+        with zipfile.ZipFile(archive, "w") as z:
+            for f in sorted(res.iterdir()):
+                if f.is_file():  # the CLI's outputs are links into its store: their targets are written
+                    z.write(f, f.name)
+        status = " ".join([*(ln for ln in said if ln.startswith("warning:")),
+                           f"done in {time.perf_counter() - tic:.1f} s ({record['unet_evals']} UNet evaluations)"])
+        return (status, *pictures, table, str(archive), str(res / "run.json"))
+
+    def _fresh(self) -> Path:
+        runs = sorted((self.root / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+        for old in runs[:max(0, len(runs) - KEEP_RUNS + 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(dir=self.root / "runs"))
+
+    def examples(self, n: int = 3) -> list[list[str]]:
+        """The bundled scene and `n` held-out toy benchmark scenes, each with an edit text."""
+        from PIL import Image
+        from toy.world import BENCHMARK_SEED, KINDS, make_edit_case, render
+        rows = [[str(EXAMPLE), "a blue circle"]]
+        folder = self.root / "examples"
+        folder.mkdir(exist_ok=True)
+        for i in range(n):
+            case = make_edit_case(BENCHMARK_SEED + i, KINDS[i % len(KINDS)], size=256)
+            path = folder / f"toy-scene-{i}.png"
+            Image.fromarray(render(case.scene, 256)[0]).save(path)
+            rows.append([str(path), case.edit_text])
+        return rows
+
+
+def build(page: Page):
+    import gradio as gr
+from gradio.events import Dependency
+
+    class ImageFile(gr.Image):
+        """An image upload handed over as the uploaded file, undecoded: the CLI's load_image decodes it, with
+        its pixel limit and its messages (Gradio's own decoding would refuse some files with its own)."""
+        def preprocess(self, payload):
+            if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
+                return super().preprocess(payload)  # nothing, or a pasted image: Gradio writes it to a file
+            return payload.path
+
+    with gr.Blocks(title="InstDiffEdit") as demo:
+        gr.Markdown("## InstDiffEdit: edit an image with a text; the mask comes from the model's own attention\n"
+                    "The words of the edit text whose attention map resembles the object's (P = +1) build the "
+                    "mask, those that resemble the rest of the image (P = -1) are subtracted (Eq. 6-9).")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = ImageFile(type="filepath", label="image", elem_id="input-image", height=256,
+                                 sources=["upload", "clipboard"])
+                edit = gr.Textbox(label="edit text", placeholder="a blue circle", elem_id="edit")
+                method = gr.Dropdown(list(REGISTRY), value="instdiffedit", label="method", elem_id="method")
+                with gr.Accordion("the methods", open=False):
+                    gr.Markdown("\n".join(f"- **{n}**: {m.help}" for n, m in REGISTRY.items()))
+                source = gr.Textbox(label="source text (what the image shows; DiffEdit, CycleDiffusion)",
+                                    elem_id="source")
+                values = [control(gr, SHARED_BY_NAME[name], label) for name, label in CONTROLS]
+                go = gr.Button("edit", variant="primary", elem_id="run")
+                gr.Examples(page.examples(), [image, edit], label="toy scenes")
+            with gr.Column(scale=2):
+                status = gr.Textbox(label="status", interactive=False, elem_id="status")
+                with gr.Row():
+                    result = gr.Image(label="result", elem_id="result", interactive=False)
+                    overlay = gr.Image(label="mask over the image", elem_id="mask", interactive=False)
+                    soft = gr.Image(label="soft mask", elem_id="soft-mask", interactive=False)
+                attention = gr.Image(label="each word's attention map and its P", elem_id="attention",
+                                     interactive=False)
+                steps = gr.Image(label="the soft mask at every step", elem_id="steps", interactive=False)
+                table = gr.Markdown(elem_id="words")
+                with gr.Row():
+                    archive = gr.File(label="all outputs (zip)", elem_id="download")
+                    record = gr.File(label="run.json", elem_id="run-json")
+
+        def run(image, edit, method, source, *values, progress=gr.Progress(track_tqdm=True)):
+            return page.edit(image, edit, method, source, *values)
+
+        go.click(run, [image, edit, method, source, *values],
+                 [status, result, overlay, soft, attention, steps, table, archive, record])
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="page.py", description=__doc__.split("\n\n")[0],
+                                epilog="Any other flag is one of instdiffedit.py's, used for every edit.")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    args, flags = p.parse_known_args(argv)
+    if not any(f == "--model" or f.startswith("--model=") for f in flags):
+        flags = ["--model", "toy", *flags]
+    try:  # the CLI's parser checks the page's flags once, before serving
+        check = instdiffedit.build_parser()
+        check.error = lambda message: (_ for _ in ()).throw(EditError(message))
+        check.parse_args(["--image", str(EXAMPLE), "--edit", "x", *flags])
+        import gradio  # noqa: F401
+    except EditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError:
+        print("error: the page needs Gradio: pip install -r requirements-page.txt", file=sys.stderr)
+        return 2
+    page = Page(flags)
+    demo = build(page)
+    demo.queue(default_concurrency_limit=1)  # one edit at a time: one model, one device
+    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(page.root)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
