@@ -179,8 +179,10 @@ def build(page: Page):
                     archive = gr.File(label="all outputs (zip)", elem_id="download")
                     record = gr.File(label="run.json", elem_id="run-json")
 
-        def run(image, edit, method, source, *values, progress=gr.Progress(track_tqdm=True)):
-            return page.edit(image, edit, method, source, *values)
+        # Gradio finds its Progress among the positional parameters only (not after *inputs); with
+        # track_tqdm it shows the pipeline's own progress bars (the CLI's, without --quiet) in the page
+        def run(progress=gr.Progress(track_tqdm=True), *inputs):
+            return page.edit(*inputs)
 
         go.click(run, [image, edit, method, source, *values],
                  [status, result, overlay, soft, attention, steps, table, archive, record])
