@@ -138,23 +138,13 @@ class Page:
 def build(page: Page):
     import gradio as gr
 
-    class ImageFile(gr.Image):
-        """An image upload handed over as the uploaded file, undecoded: the CLI's load_image decodes it, with
-        its pixel limit and its messages (Gradio's own decoding would refuse some files with its own)."""
-        is_template = True  # Gradio's mark for a subclass that the browser shows as its parent, gr.Image
-
-        def preprocess(self, payload):
-            if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
-                return super().preprocess(payload)  # nothing, or a pasted image: Gradio writes it to a file
-            return payload.path
-
     with gr.Blocks(title="InstDiffEdit") as demo:
         gr.Markdown("## InstDiffEdit: edit an image with a text; the mask comes from the model's own attention\n"
                     "The words of the edit text whose attention map resembles the object's (P = +1) build the "
                     "mask, those that resemble the rest of the image (P = -1) are subtracted (Eq. 6-9).")
         with gr.Row():
             with gr.Column(scale=1):
-                image = ImageFile(type="filepath", label="image", elem_id="input-image", height=256,
+                image = gr.Image(type="filepath", label="image", elem_id="input-image", height=256,
                                  sources=["upload", "clipboard"])
                 edit = gr.Textbox(label="edit text", placeholder="a blue circle", elem_id="edit")
                 method = gr.Dropdown(list(REGISTRY), value="instdiffedit", label="method", elem_id="method")
@@ -181,11 +171,13 @@ def build(page: Page):
 
         # Gradio finds its Progress among the positional parameters only (not after *inputs); with
         # track_tqdm it shows the pipeline's own progress bars (the CLI's, without --quiet) in the page
-        def run(progress=gr.Progress(track_tqdm=True), *inputs):
-            return page.edit(*inputs)
+        def run(progress=gr.Progress(track_tqdm=True), image=None, *inputs):
+            return page.edit(image["path"] if image else None, *inputs)
 
+        # preprocess=False: the values as the browser sent them (the upload checked and in Gradio's cache,
+        # undecoded), so the CLI decodes the image with its own checks and messages, and checks the numbers
         go.click(run, [image, edit, method, source, *values],
-                 [status, result, overlay, soft, attention, steps, table, archive, record])
+                 [status, result, overlay, soft, attention, steps, table, archive, record], preprocess=False)
     return demo
 
 
