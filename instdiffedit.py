@@ -30,10 +30,12 @@ from mask.diffedit import DiffEditMask, diffedit_mask
 from mask.instant import instant_mask
 from mask.store import AttentionStore
 from sampler import SchedulerConfig, cfg, make_sampler
-from weights import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, WeightsError, load
+from weights import (DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, Need, WeightsError, default_inpaint_model, load,
+                     resolve_models)
+from weights.sources import BUNDLED, assets_dir
 
-TOY_MODEL = str(Path(__file__).resolve().parent / "assets" / "toy-sd")
-TOY_INPAINT_MODEL = str(Path(__file__).resolve().parent / "assets" / "toy-sd-inpaint")
+TOY_MODEL = str(assets_dir() / BUNDLED["toy"])  # the bundled toy model: --model toy
+TOY_INPAINT_MODEL = str(assets_dir() / BUNDLED["toy-inpaint"])
 MAX_PIXELS = 64_000_000  # larger inputs are refused as possible decompression bombs
 
 
@@ -179,12 +181,42 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(m.copy())
 
 
+# ---------------------------------------------------------------- devices
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The given device, else cuda, else mps, else cpu; one that this torch cannot use is refused."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EditError(f"device '{device}' is not a torch device") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise EditError(f"device '{device}': CUDA is not available here ({why})")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        why = ("this torch is built without MPS" if not torch.backends.mps.is_built()
+               else "MPS needs Apple silicon and macOS 12.3 or later")
+        raise EditError(f"device '{device}': MPS is not available here ({why})")
+    if d.type not in ("cpu", "cuda", "mps"):  # e.g. meta: runs nothing; xpu etc.: untested
+        raise EditError(f"device '{device}' is not supported (use cpu, cuda or mps)")
+    return d
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on GPUs (cuda, mps), where it halves memory and time; fp32 on the CPU."""
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
 # ---------------------------------------------------------------- the pipeline
 
 class InstDiffEdit:
     def __init__(self, sd, inpaint_unet=None, device="cpu", dtype=torch.float32):
         self.unet, self.vae, self.text_encoder, self.tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
         self.inpaint_unet = inpaint_unet
+        self.sources = {}  # role -> weights.Resolved (path, hub revision), filled by from_pretrained
         self.scheduler_config = SchedulerConfig.from_dict(sd.scheduler_config) if sd.scheduler_config else SchedulerConfig()
         self.device, self.dtype = torch.device(device), dtype
         self.scale = self.vae.config.scaling_factor
@@ -192,16 +224,48 @@ class InstDiffEdit:
         self.size = self.unet.config.sample_size * self.vae_factor  # the trained image size: 512 for SD v1.x
 
     @classmethod
-    def from_pretrained(cls, model: str = DEFAULT_MODEL, inpaint_model: str | None = DEFAULT_INPAINT_MODEL,
-                        device: str | None = None, dtype: torch.dtype | None = None, compile: bool = False):
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
-        sd = load(model, device=device, dtype=dtype)
-        inpaint = load(inpaint_model, components=("unet",), device=device, dtype=dtype).unet if inpaint_model else None
-        if inpaint is not None and inpaint.config.in_channels != 9:
-            raise WeightsError(f"{inpaint_model}: the inpainting UNet must take 9 input channels, "
-                               f"this one takes {inpaint.config.in_channels}")
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, inpaint_model: str | None = "auto",
+                        device: str | None = None, dtype: torch.dtype | None = None, compile: bool = False,
+                        tokenizer: str | None = None) -> "InstDiffEdit":
+        """Load the models and return a ready pipeline.
+
+        model: SD v1.x: a hub repo id, a diffusers-layout folder, a CompVis single file (.safetensors
+            or .ckpt), or "toy" (the small model bundled with the package).
+        inpaint_model: the 9-channel inpainting UNet, in the same forms. "auto" (default): "toy-inpaint"
+            for the toy model, else stable-diffusion-v1-5/stable-diffusion-inpainting. None: no
+            inpainting (mask() and edit(inpaint=False) still work).
+        device: "cuda", "mps", "cpu", "cuda:1", ... (default: cuda, else mps, else cpu).
+        dtype: default fp16 on cuda and mps, fp32 on the CPU.
+        compile: apply torch.compile to the UNets.
+        tokenizer: a tokenizer folder, model folder or hub id replacing the model's own; a single file
+            has none and uses the CLIP vocabulary bundled with the package (SD v1.x's).
+
+        Every source is located first (hub ids are fetched, only the files read) and everything
+        missing is listed in one WeightsError before any weight is read.
+        """
+        device = resolve_device(device)
+        dtype = dtype or default_dtype(device)
+        inpaint_model = default_inpaint_model(model) if inpaint_model == "auto" else inpaint_model
+        parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        needs = [Need("model", str(model), parts if not tokenizer else tuple(c for c in parts if c != "tokenizer"), "pass a local folder or single file (--model PATH)")]
+        if inpaint_model:
+            needs.append(Need("inpaint model", str(inpaint_model), ("unet",),
+                              "pass a local one (--inpaint-model PATH) or do without it (--no-inpaint, "
+                              "or inpaint_model=None in Python)"))
+        if tokenizer:
+            needs.append(Need("tokenizer", str(tokenizer), ("tokenizer",),
+                              "pass a local tokenizer folder, or leave --tokenizer out"))
+        found = resolve_models(needs, half=dtype in (torch.float16, torch.bfloat16))
+        tok = found["tokenizer"].path if tokenizer else None
+        sd = load(found["model"].path, parts, device=device, dtype=dtype, tokenizer_source=tok)
+        inpaint = None
+        if inpaint_model:
+            inpaint = load(found["inpaint model"].path, components=("unet",), device=device, dtype=dtype).unet
+            if inpaint.config.in_channels != 9:
+                raise WeightsError(f"{inpaint_model}: the inpainting UNet must take 9 input channels, "
+                                   f"this one takes {inpaint.config.in_channels}")
         pipe = cls(sd, inpaint, device, dtype)
+        pipe.sources = found
         if compile:
             pipe.unet = torch.compile(pipe.unet)
             if pipe.inpaint_unet is not None:
@@ -439,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"SD v1.x: hub id, diffusers folder or single file, or 'toy' (default: {DEFAULT_MODEL})")
     p.add_argument("--inpaint-model", default=None,
                    help=f"inpainting UNet source (default: {DEFAULT_INPAINT_MODEL}; the toy one with --model toy)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or hub id replacing the model's own (default: the model's; a single "
+                        "file uses the CLIP vocabulary bundled with the package, so it works offline)")
     p.add_argument("--strength", type=_fraction, default=0.5, help="noise strength r in (0, 1] (default 0.5)")
     p.add_argument("--threshold", type=_fraction, default=0.2, help="mask threshold phi in [0, 1] (default 0.2)")
     p.add_argument("--rounds", type=int, default=3, help="parallel denoising rounds n (default 3)")
@@ -450,8 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-res", type=int, default=16,
                    help="grid of the cross-attention maps used for the mask (default 16, SD v1.x: latent / 4)")
     p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
-    p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="cuda, mps, cpu, cuda:1, ... (default: cuda, else mps, else cpu)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on cuda/mps, fp32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets")
     p.add_argument("--method", choices=["instdiffedit", "diffedit", "sdedit"], default="instdiffedit",
                    help="InstDiffEdit (default) or the paper's baselines DiffEdit / SDEdit, on the same models")
@@ -513,22 +580,15 @@ def run(args) -> int:
     _check_out(out, image, args.overwrite)
     img = load_image(image)
     user_mask = load_mask(args.mask, img.size) if args.mask else None
-    model, inpaint_model = args.model, args.inpaint_model
-    if model == "toy":
-        model, inpaint_model = TOY_MODEL, inpaint_model or TOY_INPAINT_MODEL
-    inpaint_model = inpaint_model or DEFAULT_INPAINT_MODEL
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise EditError(f"--device '{device}' is not a torch device") from None
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise EditError(f"--device {device}: CUDA is not available here")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    model = args.model
+    inpaint_model = args.inpaint_model or default_inpaint_model(model)
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
 
     tic = time.perf_counter()
     needs_inpaint = opts.inpaint and (opts.method != "sdedit" or user_mask is not None)  # SDEdit needs no mask finish
-    pipe = InstDiffEdit.from_pretrained(model, inpaint_model if needs_inpaint else None, device, dtype, args.compile)
+    pipe = InstDiffEdit.from_pretrained(model, inpaint_model if needs_inpaint else None, device, dtype, args.compile,
+                                        tokenizer=args.tokenizer)
     load_s = time.perf_counter() - tic
     tokens = pipe.tokenizer._body(args.edit)[1]  # the uncut count (tokens() is already cut to 75)
     if tokens > 75:

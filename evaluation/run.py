@@ -14,7 +14,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 from .datasets import parse_list
 from .runner import run_dataset
@@ -30,8 +29,10 @@ def main(argv=None) -> int:
     p.add_argument("--masks", default=None, help="folder with human masks (Editing-Mask), for IoU / C_m / C_non")
     p.add_argument("--out", required=True, help="run folder (resumable: finished items are skipped)")
     p.add_argument("--method", choices=["instdiffedit", "diffedit", "sdedit"], default="instdiffedit")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--inpaint-model", default=DEFAULT_INPAINT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, folder, single file or 'toy'")
+    p.add_argument("--inpaint-model", default="auto",
+                   help=f"default: {DEFAULT_INPAINT_MODEL} (the toy one with --model toy)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model's)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-res", type=int, default=16)
@@ -41,10 +42,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         items = parse_list(args.list)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = args.device
         dtype = DTYPES[args.dtype] if args.dtype else None
         inpaint = None if args.method == "sdedit" else args.inpaint_model
-        pipe = InstDiffEdit.from_pretrained(args.model, inpaint, device, dtype)
+        pipe = InstDiffEdit.from_pretrained(args.model, inpaint, device, dtype, tokenizer=args.tokenizer)
     except (ValueError, EditError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
