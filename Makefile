@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 RUNTIME := $(VENV)/.installed-runtime
 DEV     := $(VENV)/.installed-dev
 
-.PHONY: test test-fast demo bench eval-toy toy-model wheel clean
+.PHONY: test test-fast demo bench eval-toy table1 toy-model wheel clean
 
 $(RUNTIME): requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench: $(DEV)
 # edit-quality benchmark on held-out synthetic scenes (exact GT masks); writes runs/eval-toy/
 eval-toy: $(RUNTIME)
 	$(BIN)/python -m toy.benchmark
+
+# toy Table 1: every registered method (methods/) on the same 16 toy scenes: s/edit, UNet evals/edit, IoU, C_m, C_non
+table1: $(RUNTIME)
+	OMP_NUM_THREADS=1 $(BIN)/python -m toy.benchmark --table1 --methods-n 16 --out runs/table1-toy
 
 # retrain the bundled toy model from its seed (estimated 2 h 20 min on one CPU thread; assets/TRAINING.md)
 toy-model: $(RUNTIME)

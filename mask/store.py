@@ -16,7 +16,7 @@ What is kept (method notes, "Attention capture"):
 * averaged over heads, layers and rounds;
 * ``mode="running"`` (authors' default): the map handed out after step t is the mean over all
   steps run so far (the authors' store sums every step and divides by the step count);
-  ``mode="instant"``: the map of the last closed step only.
+  ``mode="last"``: the map of the last closed step only.
 
 Everything is accumulated in place in fp32 on the device the probabilities arrive on: no per-step
 host copies, no ``.item()`` syncs and no Python lists of per-step tensors. The only Python-side
@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-MODES = ("running", "instant")
+MODES = ("running", "last")
 
 
 class AttentionStore:
@@ -45,7 +45,7 @@ class AttentionStore:
         rounds: number n of parallel rounds in the batch.
         cfg: whether classifier-free guidance doubles the batch to ``[uncond x n, cond x n]``
             (only the conditional half is recorded). Without CFG the whole batch of n is used.
-        mode: ``"running"`` (mean over all closed steps) or ``"instant"`` (last closed step).
+        mode: ``"running"`` (mean over all closed steps) or ``"last"`` (last closed step).
         factor: downsampling of the recorded query grid relative to the latent (4 -> 16x16).
         layer_filter: optional extra predicate on the layer name. ``None`` accepts every layer
             the UNet offers (it only offers cross-attention ``attn2`` layers).
