@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from methods import REGISTRY, EditError, EditOptions, Job, MaskOutput, add_arguments, get_method, options_from_args
+from methods import (REGISTRY, EditError, EditOptions, Job, MaskOutput, StepState, add_arguments, get_method,
+                     options_from_args)
+from methods.options import SHARED_BY_NAME
 from sampler import SchedulerConfig, cfg, make_sampler
 from weights import (DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, Need, WeightsError, default_inpaint_model, load,
                      resolve_models)
@@ -42,12 +44,17 @@ MAX_PIXELS = 64_000_000  # larger inputs are refused as possible decompression b
 
 @dataclass
 class EditResult:
-    image: Image.Image        # edited image at the input's original size
-    mask: Image.Image         # binary mask at the input's original size
-    soft_mask: Image.Image    # refined soft map at the input's original size
-    P: list[int]
-    words: list[str]
-    word_maps: torch.Tensor
+    """What edit() and mask() return (from mask(), `image` is None). Pictures are PIL images at the
+    input's own size and orientation; tensors are on the CPU at latent size (the model's size / 8)."""
+    image: Image.Image | None  # the edited image; None from mask()
+    mask: Image.Image         # binary mask, "L" (255 = edited); edit(mask=...) takes it back as is
+    soft_mask: Image.Image    # the soft map the mask was thresholded from, "L"
+    P: list[int]              # InstDiffEdit's Eq. 8 positions, one per word ([] for other methods)
+    words: list[str]          # ["<sot>", word..., "<eot>"], aligned with P and word_maps
+    word_maps: torch.Tensor   # (words, h, w) normalised cross-attention maps the mask was built from
+    mask_latent: torch.Tensor  # (h, w) bool: the mask the method used
+    soft_latent: torch.Tensor  # (h, w) float in [0, 1]
+    latents: torch.Tensor | None = None  # InstDiffEdit: (rounds, C, h, w) Eq. 5 latents after the last step
     timings: dict[str, float] = field(default_factory=dict)  # mask_s (the method), finish_s (inpainting)
     unet_evals: int = 0       # UNet image-evaluations of the edit (batch rows, counted at every call)
     unet_evals_by_model: dict[str, int] = field(default_factory=dict)  # {"unet": ..., "inpaint_unet": ...}
@@ -73,7 +80,11 @@ def load_image(path: str | Path) -> Image.Image:
         raise EditError(f"{path}: image is over the {MAX_PIXELS:,}-pixel limit (possible decompression bomb)") from None
     except Exception as e:
         raise EditError(f"{path}: not a readable image ({' '.join(str(e).split())[:150]})") from None
-    img = ImageOps.exif_transpose(img)
+    return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit and float greyscale rescaled, alpha composited on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: rescale, don't clip
         import numpy as np
         a = np.asarray(img, dtype=np.float64)
@@ -112,16 +123,76 @@ def map_to_pil(m: torch.Tensor, size: tuple[int, int], binary: bool = False) -> 
 
 def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
     """A user mask (white = edit) -> bool (H, W) at `size`; colour or empty images are refused."""
+    return as_mask(Path(path), size)
+
+
+# ---------------------------------------------------------------- inputs in the forms people have
+
+def as_image(image) -> Image.Image:
+    """One image in any accepted form -> RGB PIL.
+
+    str or Path: a file PIL reads. PIL.Image: any mode (alpha composited on white). numpy: uint8,
+    H x W x 3 (RGB), H x W x 4 (RGBA) or H x W (grey). torch.Tensor: 3 x H x W (or 1 x 3 x H x W) float,
+    read as [0, 1] when no value is negative and as [-1, 1] otherwise (diffusers' rule; a [-1, 1] image
+    without a single negative value would be misread, so pass such images as uint8), or uint8 3 x H x W."""
     import numpy as np
-    img = load_image(path)
-    a = np.asarray(img, dtype=np.int16)
-    if np.abs(a - a.mean(axis=2, keepdims=True)).max() > 8:
-        raise EditError(f"{path}: not a mask (it has colour; expected black and white, white = region to edit)")
-    m = a[..., 0] > 127
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return _to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        x = image.detach().cpu()
+        if x.dim() == 4 and x.shape[0] == 1:
+            x = x[0]
+        if x.dim() != 3 or x.shape[0] not in (1, 3):
+            raise EditError(f"image tensor of shape {tuple(image.shape)}: expected 3 x H x W (channels first)")
+        if x.dtype == torch.uint8:
+            a = x.permute(1, 2, 0).numpy()
+        elif x.is_floating_point():
+            x = x.float()
+            if not torch.isfinite(x).all() or x.min() < -1 or x.max() > 1:
+                raise EditError("image tensor has values outside [-1, 1] (expected [0, 1] or [-1, 1] floats)")
+            x = (x + 1) / 2 if x.min() < 0 else x
+            a = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        else:
+            raise EditError(f"image tensor of dtype {x.dtype}: expected float in [0, 1] / [-1, 1] or uint8")
+        return Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise EditError(f"image array of dtype {image.dtype}: expected uint8 H x W x 3 "
+                            "(for floats, pass a torch tensor C x H x W in [0, 1] or [-1, 1])")
+        if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4)):
+            return _to_rgb(Image.fromarray(np.ascontiguousarray(image)))
+        raise EditError(f"image array of shape {image.shape}: expected H x W x 3, H x W x 4 or H x W")
+    raise EditError(f"image of type {type(image).__name__}: expected a path, PIL image, numpy array or tensor")
+
+
+def as_mask(mask, size: tuple[int, int]) -> torch.Tensor:
+    """A mask in any accepted form (white / True / > 0.5 = edit) -> bool (H, W) tensor at `size` (W, H).
+
+    The forms of `as_image`, plus what edit() returns (an "L" PIL image) and bool or [0, 1] float
+    arrays and tensors of shape H x W (or 1 x H x W). Colour images and empty masks are refused."""
+    import numpy as np
+    name = str(mask) if isinstance(mask, (str, Path)) else f"mask {type(mask).__name__}"
+    if isinstance(mask, (str, Path, Image.Image)) or (isinstance(mask, np.ndarray) and mask.dtype == np.uint8
+                                                       and mask.ndim == 3):
+        a = np.asarray(as_image(mask), dtype=np.int16)
+        if np.abs(a - a.mean(axis=2, keepdims=True)).max() > 8:
+            raise EditError(f"{name}: not a mask (it has colour; expected black and white, white = region to edit)")
+        m = a[..., 0] > 127
+    else:
+        t = torch.as_tensor(np.asarray(mask)) if isinstance(mask, np.ndarray) else mask
+        if not isinstance(t, torch.Tensor):
+            raise EditError(f"{name}: expected a path, PIL image, numpy array or tensor")
+        t = t.detach().cpu()
+        t = t[0] if t.dim() == 3 and t.shape[0] == 1 else t
+        if t.dim() != 2:
+            raise EditError(f"{name} of shape {tuple(t.shape)}: expected H x W")
+        m = (t > 127 if t.dtype == torch.uint8 else t.float() > 0.5 if t.is_floating_point() else t != 0).numpy()
     if not m.any():
-        raise EditError(f"{path}: the mask is empty (no white pixels)")
-    if img.size != size:
-        m = np.asarray(Image.fromarray(m).resize(size, Image.NEAREST))
+        raise EditError(f"{name}: the mask is empty (no white pixels)")
+    if m.shape[::-1] != tuple(size):
+        m = np.asarray(Image.fromarray(m).resize(tuple(size), Image.NEAREST))
     return torch.from_numpy(m.copy())
 
 
@@ -279,7 +350,7 @@ class InstDiffEdit:
             raise EditError(f"--no-inpaint decodes InstDiffEdit's Eq. 5 result: it needs the instdiffedit "
                             f"method and no --mask (method {job.o.method})")
         tic = _clock(self.device)
-        out = self.inpaint(job.x0, mask, job.emb, job.o, job.gen, job.progress)[0]
+        out = self.inpaint(job.x0, mask, job.emb, job.o, job.gen, job.progress, job.callback)[0]
         job.timings["finish_s"] = _clock(self.device) - tic
         return out
 
@@ -287,7 +358,7 @@ class InstDiffEdit:
 
     @torch.no_grad()
     def inpaint(self, x0: torch.Tensor, mask: torch.Tensor, prompt: str | torch.Tensor, o: EditOptions,
-                gen: torch.Generator, progress: bool = False) -> torch.Tensor:
+                gen: torch.Generator, progress: bool = False, callback=None) -> torch.Tensor:
         """SD inpainting from pure noise: UNet input = [noisy latents, latent mask, masked-image latents].
 
         `prompt` is the text or its encode_text embedding (edit() passes the one stage 1 used)."""
@@ -303,6 +374,8 @@ class InstDiffEdit:
         for i in _progress(range(len(sampler.timesteps)), progress, "inpainting"):
             t = sampler.timesteps[i]
             x = sampler.step(self.unet_cfg(self.inpaint_unet, sampler, x, i, t, emb, o.guidance, extra), i, x)
+            if callback is not None:
+                callback(i, t, StepState("inpaint", x, mask, mask.float()))
         return self.decode(x)
 
     # -- public API
@@ -315,56 +388,149 @@ class InstDiffEdit:
             raise EditError(f"steps {o.steps} is more than the model's {train_steps} training timesteps")
         return o
 
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "InstDiffEdit":
+        """Move every network to `device` (and `dtype`) in place; returns the pipeline, as torch does."""
+        device = resolve_device(device) if device is not None else self.device
+        dtype = dtype or self.dtype
+        for net in (self.unet, self.vae, self.text_encoder, self.inpaint_unet):
+            if net is not None:
+                net.to(device=device, dtype=dtype)
+        self.device, self.dtype = device, dtype
+        return self
+
     def _prepare(self, image, edit: str, o: EditOptions):
         if not isinstance(edit, str) or not edit.strip():
             raise EditError("the edit text is empty")
         if get_method(o.method).needs_source and not o.source.strip():
             raise EditError(f"method {o.method} needs the text of what the image shows (--source / source=)")
-        img = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        img = as_image(image)
         return img, to_tensor(img, self.size, self.device, self.dtype)
 
-    def _job(self, image, edit: str, o: EditOptions, progress: bool, mask=None):
+    def _job(self, image, edit: str, o: EditOptions, progress: bool, mask=None, generator=None, callback=None):
         img, x0 = self._prepare(image, edit, o)
-        job = Job(x0, edit, self.encode_text(edit), o, self._generator(o.seed), None, progress)
+        if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
+            raise EditError("generator must be a CPU torch.Generator (all noise is drawn on the CPU)")
+        job = Job(x0, edit, self.encode_text(edit), o, generator or self._generator(o.seed), None, progress,
+                  callback=callback)
         if mask is not None:
             h, w = (s // self.vae_factor for s in x0.shape[-2:])
-            job.mask = F.interpolate(mask.float()[None, None], size=(h, w), mode="area")[0, 0].to(self.device) > 0.5
+            m = as_mask(mask, img.size)
+            job.mask = F.interpolate(m.float()[None, None], size=(h, w), mode="area")[0, 0].to(self.device) > 0.5
         self.unet_evals = {}  # call_unet counts into this
         return img, job
 
-    def mask(self, image, edit: str, progress: bool = False, method: str = "instdiffedit",
-             **options) -> MaskOutput:
-        """The mask of `method` alone (InstDiffEdit: stage 1); EditError for a method that makes none."""
-        o = self.options(method, **options)
-        m = get_method(method)
-        if not m.makes_mask:
-            raise EditError(f"method {method} makes no mask")
-        tic = _clock(self.device)
-        _, job = self._job(image, edit, o, progress)
-        out = m.mask(self, job)
-        out.seconds, out.unet_evals = _clock(self.device) - tic, sum(self.unet_evals.values())
-        return out
-
-    def edit(self, image, edit: str, mask: torch.Tensor | None = None, progress: bool = False,
-             method: str = "instdiffedit", **options) -> EditResult:
-        """Edit `image` (path or PIL) toward the text `edit` with `method` (see methods.REGISTRY).
-        `mask` (bool, any size) replaces the method's own mask."""
-        o = self.options(method, **options)
-        tic = _clock(self.device)
-        img, job = self._job(image, edit, o, progress, mask)
-        out = get_method(method).edit(self, job)
-        total = _clock(self.device) - tic
-        timings = {"mask_s": total - job.timings.get("finish_s", 0.0), "finish_s": job.timings.get("finish_s", 0.0)}
+    def _result(self, img: Image.Image, job: Job, st: MaskOutput | None, image: torch.Tensor | None,
+                timings: dict[str, float]) -> "EditResult":
         h, w = job.x0.shape[-2] // self.vae_factor, job.x0.shape[-1] // self.vae_factor
-        st = out.mask
         m = torch.ones(h, w, dtype=torch.bool) if st is None else st.mask  # no mask: the whole image may change
         soft = m.float() if st is None else st.soft
         maps = st.word_maps if st is not None and st.word_maps is not None else torch.zeros(0, h, w)
-        P = [int(v) for v in st.P] if st is not None else []
         size = img.size
-        return EditResult(to_pil(out.image).resize(size, Image.BICUBIC), map_to_pil(m, size, binary=True),
-                          map_to_pil(soft, size), P, st.words if st is not None else [], maps.float().cpu(),
-                          timings, sum(self.unet_evals.values()), dict(self.unet_evals))
+        return EditResult(
+            image=None if image is None else to_pil(image).resize(size, Image.BICUBIC),
+            mask=map_to_pil(m, size, binary=True), soft_mask=map_to_pil(soft, size),
+            P=[int(v) for v in st.P] if st is not None else [], words=st.words if st is not None else [],
+            word_maps=maps.float().cpu(), mask_latent=m.cpu(), soft_latent=soft.float().cpu(),
+            latents=None if st is None or st.latents is None else st.latents.cpu(), timings=timings,
+            unet_evals=sum(self.unet_evals.values()), unet_evals_by_model=dict(self.unet_evals))
+
+    def _run(self, kind: str, image, edit, mask, method: str, given: dict, aliases: dict, progress: bool,
+             generator, callback):
+        """edit() and mask(): options gathered and checked once, then one image or a list of them."""
+        for ours, (alias, value) in aliases.items():  # diffusers' names for the same options
+            if value is not None:
+                if given.get(ours, value) != value:
+                    raise EditError(f"{ours}={given[ours]} and {alias}={value} disagree; pass one of them")
+                given[ours] = value
+        o = self.options(method, **given)
+        if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[0] > 1:
+            image = list(image)
+        if not isinstance(image, (list, tuple)):
+            return self._one(kind, image, edit, mask, o, progress, generator, callback)
+        n = len(image)
+        edits = edit if isinstance(edit, (list, tuple)) else [edit] * n
+        masks = mask if isinstance(mask, (list, tuple)) else [mask] * n
+        if len(edits) != n or len(masks) != n:
+            raise EditError(f"{n} images but {len(edits)} edit texts and {len(masks)} masks")
+        return [self._one(kind, im, ed, mk, o, progress, generator, callback) for im, ed, mk in zip(image, edits, masks)]
+
+    def _one(self, kind, image, edit, mask, o, progress, generator, callback) -> "EditResult":
+        m = get_method(o.method)
+        tic = _clock(self.device)
+        img, job = self._job(image, edit, o, progress, mask, generator, callback)
+        if kind == "mask":
+            if not m.makes_mask:
+                raise EditError(f"method {o.method} makes no mask")
+            st = m.mask(self, job)
+            return self._result(img, job, st, None, {"mask_s": _clock(self.device) - tic})
+        out = m.edit(self, job)
+        total = _clock(self.device) - tic
+        finish = job.timings.get("finish_s", 0.0)
+        return self._result(img, job, out.mask, out.image, {"mask_s": total - finish, "finish_s": finish})
+
+    def edit(self, image, edit: str | list[str], mask=None, *, method: str = "instdiffedit",
+             strength: float | None = None, threshold: float | None = None, rounds: int | None = None,
+             steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+             seed: int | None = None, attention: str | None = None, attention_res: int | None = None,
+             gamma1: float | None = None, gamma2: float | None = None, inpaint: bool | None = None,
+             source: str | None = None, num_inference_steps: int | None = None,
+             guidance_scale: float | None = None, generator: torch.Generator | None = None,
+             callback_on_step_end=None, progress: bool = False, **method_options) -> "EditResult | list[EditResult]":
+        """Edit `image` toward the text `edit` (the only prompt) with `method`; returns an EditResult.
+
+        image: a path, PIL image, numpy uint8 H x W x 3 array, or tensor 3 x H x W (float in [0, 1] or
+            [-1, 1]: see `as_image`), or a list of them (or a B x 3 x H x W tensor) for a batch, which
+            returns a list of results. Each image is resized to the model's square size (512 for SD v1.x)
+            and the outputs come back at its own size.
+        edit: the edit text, or one per image of a batch.
+        mask: skips the method's mask: a path, PIL image (e.g. an earlier result's `.mask`), bool or
+            [0, 1] array or tensor H x W (any size; white / True = edit), or one per image.
+        method: a name in methods.REGISTRY: "instdiffedit" (default), "diffedit", "sdedit", ...
+        num_inference_steps, guidance_scale: diffusers' names for `steps` and `guidance`.
+        generator: a CPU torch.Generator to draw all the noise from, instead of one seeded with `seed`.
+        callback_on_step_end: called as f(step, t, state) after every denoising step; `state` is a
+            methods.StepState (stage, latents, the current mask and soft mask, word maps and words).
+        progress: show progress bars.
+        Every other keyword is a method option (None: the method's default); a method's own options
+        (e.g. diffedit_samples) go in **method_options. The options:
+        """
+        given = {k: v for k, v in locals().items() if k in SHARED_BY_NAME and v is not None} | method_options
+        aliases = {"steps": ("num_inference_steps", num_inference_steps),
+                   "guidance": ("guidance_scale", guidance_scale)}
+        return self._run("edit", image, edit, mask, method, given, aliases, progress, generator,
+                         callback_on_step_end)
+
+    def mask(self, image, edit: str | list[str], *, method: str = "instdiffedit",
+             strength: float | None = None, threshold: float | None = None, rounds: int | None = None,
+             steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+             seed: int | None = None, attention: str | None = None, attention_res: int | None = None,
+             gamma1: float | None = None, gamma2: float | None = None, source: str | None = None,
+             num_inference_steps: int | None = None, guidance_scale: float | None = None,
+             generator: torch.Generator | None = None, callback_on_step_end=None, progress: bool = False,
+             **method_options) -> "EditResult | list[EditResult]":
+        """The mask of `method` alone (InstDiffEdit: stage 1, no inpainting), as an EditResult whose
+        `image` is None. Arguments as for edit(); EditError for a method that makes no mask. The options:
+        """
+        given = {k: v for k, v in locals().items() if k in SHARED_BY_NAME and v is not None} | method_options
+        aliases = {"steps": ("num_inference_steps", num_inference_steps),
+                   "guidance": ("guidance_scale", guidance_scale)}
+        return self._run("mask", image, edit, None, method, given, aliases, progress, generator,
+                         callback_on_step_end)
+
+
+def _options_doc() -> str:
+    """The options section of edit() and mask(), from the specs (methods/options.py): defined once."""
+    from methods.options import all_specs
+    lines = []
+    for spec in all_specs().values():
+        rng = f", in {spec.range_text()}" if spec.min is not None or spec.max is not None else ""
+        choices = f", one of {', '.join(spec.choices)}" if spec.choices else ""
+        lines.append(f"            {spec.name} ({spec.type.__name__}, default {spec.default!r}{rng}{choices}): {spec.help}")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+InstDiffEdit.edit.__doc__ += _options_doc()
+InstDiffEdit.mask.__doc__ += _options_doc()
 
 
 def _clock(device: torch.device) -> float:
