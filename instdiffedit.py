@@ -686,7 +686,7 @@ def run(args) -> int:
             "compile": args.compile, "words": res.words, "P": res.P,
             "timings_s": {"load": round(load_s, 3), **{k: round(v, 3) for k, v in res.timings.items()},
                           "total": round(time.perf_counter() - t_start, 3)},
-            "versions": _versions(),
+            "versions": versions(pipe.device),
         }
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         made = sorted(tmp.iterdir())
@@ -703,12 +703,41 @@ def run(args) -> int:
     return 0
 
 
-def _versions() -> dict[str, str]:
+def versions(device: torch.device | None = None) -> dict[str, str | None]:
+    """Library versions, and the CUDA build and GPU name when running on one (for run.json, config.json)."""
+    import huggingface_hub
+    import numpy
     import PIL
     import safetensors
     import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__, "pillow": PIL.__version__}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "numpy": numpy.__version__, "transformers": transformers.__version__,
+           "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__,
+           "pillow": PIL.__version__}
+    if device is not None and device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def code_commit() -> str | None:
+    """The git commit of the code that runs (with "+dirty" for uncommitted changes); None outside a checkout."""
+    import subprocess
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0 or Path(head.stdout.split()[0]).resolve() != here:
+            return None  # not a checkout of this code (e.g. installed into a venv inside some repository)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.split()[1] + ("+dirty" if dirty else "")
+
+
+def model_record(pipe: "InstDiffEdit") -> dict[str, dict]:
+    """Each model's source as given, its hub revision (snapshot commit) and local path."""
+    return {role: {"source": r.source, "revision": r.revision, "path": str(r.path)} for role, r in pipe.sources.items()}
 
 
 if __name__ == "__main__":
