@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from evaluation.figures import attention_figure, mask_outline, steps_strip
 from methods import (REGISTRY, EditError, EditOptions, Job, MaskOutput, StepState, add_arguments, get_method,
                      options_from_args)
 from methods.options import SHARED_BY_NAME
@@ -546,27 +547,6 @@ def _progress(it, enabled: bool, desc: str):
     return tqdm(it, desc=desc, leave=False, file=sys.stderr)
 
 
-# ---------------------------------------------------------------- pictures for people
-
-def overlay(img: Image.Image, mask: Image.Image) -> Image.Image:
-    red = Image.new("RGB", img.size, (255, 40, 40))
-    return Image.composite(Image.blend(img, red, 0.5), img, mask)
-
-
-def attention_grid(words: list[str], maps: torch.Tensor, P: list[int], cell: int = 128) -> Image.Image:
-    """One labelled tile per word map (with its Eq. 8 position P), side by side."""
-    from PIL import ImageDraw
-    n = max(len(words), 1)
-    grid = Image.new("RGB", (cell * n, cell + 16), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for k, word in enumerate(words):
-        if k < len(maps):
-            grid.paste(map_to_pil(maps[k], (cell, cell)).convert("RGB"), (k * cell, 16))
-        label = f"{word} P={P[k]:+d}" if k < len(P) else word
-        draw.text((k * cell + 2, 2), label[:22], fill=(0, 0, 0))
-    return grid
-
-
 # ---------------------------------------------------------------- CLI
 
 EXAMPLES = """examples:
@@ -583,9 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="instdiffedit.py", description=__doc__.split("\n\n")[0],
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--image", required=True, help="input image (any format PIL reads)")
-    p.add_argument("--edit", required=True, help='edit text, the only prompt (e.g. "a raccoon")')
+    p.add_argument("--image", nargs="+", default=None,
+                   help="input image(s): files, folders or globs (any format PIL reads); several images are a "
+                        "batch: models load once, one output folder per image under --out")
+    p.add_argument("--edit", default=None, help='edit text, the only prompt (e.g. "a raccoon")')
     p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument("--replay", default=None, metavar="RUN_JSON",
+                   help="rerun what a run.json records and report whether the outputs match")
+    p.add_argument("--save-steps", action="store_true", help="also write steps.png: the soft mask at every step")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"SD v1.x: hub id, diffusers folder or single file, or 'toy' (default: {DEFAULT_MODEL})")
     p.add_argument("--inpaint-model", default=None,
@@ -604,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-OUTPUTS = ("edited.png", "mask.png", "soft_mask.png", "overlay.png", "attention.png", "run.json")
+OUTPUTS = ("edited.png", "mask.png", "soft_mask.png", "overlay.png", "attention.png", "steps.png", "run.json")
 
 
 def _check_out(out: Path, image: Path, overwrite: bool) -> None:
@@ -624,9 +609,13 @@ def _check_out(out: Path, image: Path, overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.replay and (not args.image or args.edit is None):
+        parser.error("--image and --edit are required (or --replay RUN_JSON)")
     try:
-        return run(args)
+        return run(args, argv)
     except (EditError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -638,9 +627,77 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def run(args) -> int:
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def expand_images(specs: list[str]) -> tuple[list[Path], bool]:
+    """--image values -> image files, and whether this is a batch (a folder, a glob or several values).
+    A folder gives its image files (by suffix, sorted); a pattern that is not a file is a glob."""
+    import glob
+    files: list[Path] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise EditError(f"{spec}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
+        elif not p.exists() and glob.has_magic(spec):
+            found = sorted(Path(f) for f in glob.glob(spec) if Path(f).is_file())
+            if not found:
+                raise EditError(f"{spec}: matches no file")
+            files += found
+        else:
+            files.append(p)  # a missing file is reported with the other per-image errors
+    unique = list(dict.fromkeys(files))
+    one = specs[0]
+    batch = len(specs) > 1 or Path(one).is_dir() or (not Path(one).exists() and glob.has_magic(one))
+    return unique, batch
+
+
+def output_folders(images: list[Path], out: Path) -> list[Path]:
+    """One folder per image under --out, named after the image (name-2, name-3, ... for repeats)."""
+    seen: dict[str, int] = {}
+    outs = []
+    for im in images:
+        n = seen[im.stem] = seen.get(im.stem, 0) + 1
+        outs.append(out / (im.stem if n == 1 else f"{im.stem}-{n}"))
+    return outs
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pixels_sha256(img: Image.Image) -> str:
+    """Hash of an image's mode, size and pixels: equal outputs hash equal whatever PNG encoder wrote them."""
+    import hashlib
+    return hashlib.sha256(f"{img.mode}{img.size}".encode() + img.tobytes()).hexdigest()
+
+
+def model_hashes(pipe: "InstDiffEdit") -> dict[str, dict[str, str]]:
+    """sha256 of the weight files of each local or bundled model (hub models are pinned by their revision)."""
+    out = {}
+    for role, r in pipe.sources.items():
+        if r.revision is None:
+            files = [r.path] if r.path.is_file() else sorted(f for f in r.path.rglob("*")
+                                                             if f.suffix in (".safetensors", ".ckpt", ".bin"))
+            out[role] = {str(f.relative_to(r.path) if f != r.path else f.name): sha256_file(f) for f in files}
+    return out
+
+
+def run(args, argv: list[str]) -> int:
+    if args.replay:
+        return replay(Path(args.replay), args)
     t_start = time.perf_counter()
-    image, out = Path(args.image), Path(args.out)
+    images, batch = expand_images(args.image)
+    root = Path(args.out)
+    outs = output_folders(images, root) if batch else [root]
     if not args.edit.strip():
         raise EditError("--edit is empty")
     given = options_from_args(args)
@@ -648,9 +705,12 @@ def run(args) -> int:
     method = get_method(args.method)
     if not opts.inpaint and args.mask:
         raise EditError("--no-inpaint decodes the stage-1 result, which --mask skips: use one of them")
-    _check_out(out, image, args.overwrite)
-    img = load_image(image)
-    user_mask = load_mask(args.mask, img.size) if args.mask else None
+    for image, out in zip(images, outs):  # every output clash before loading anything
+        _check_out(out, image, args.overwrite)
+    if args.mask and not Path(args.mask).is_file():
+        raise EditError(f"{args.mask}: no such file")
+    if not batch:
+        load_image(images[0])  # a single bad input: its one-line error before the models load
     model = args.model
     inpaint_model = args.inpaint_model or default_inpaint_model(model)
     device = resolve_device(args.device)
@@ -664,30 +724,72 @@ def run(args) -> int:
     tokens = pipe.tokenizer._body(args.edit)[1]  # the uncut count (tokens() is already cut to 75)
     if tokens > 75:
         print(f"warning: the edit text has {tokens} tokens; only the first 75 are used", file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="prompt has .* tokens")  # warned once just above
-        res = pipe.edit(img, args.edit, mask=user_mask, progress=not args.quiet, method=args.method, **given)
+    shared = {"model": model, "inpaint_model": inpaint_model if needs_inpaint else None,
+              "command": ["instdiffedit", *argv], "argv": argv, "code_commit": code_commit(),
+              "models": model_record(pipe), "model_sha256": model_hashes(pipe), "versions": versions(pipe.device),
+              "load_s": load_s}
+    failed = []
+    for k, (image, out) in enumerate(zip(images, outs)):
+        try:
+            secs = edit_one(pipe, image, out, args, opts, given, shared)
+        except (EditError, OSError) as e:
+            if not batch:
+                raise
+            failed.append(image)
+            msg = " ".join(str(e).split())
+            print(f"error: {msg if str(image) in msg else f'{image}: {msg}'}", file=sys.stderr)
+            continue
+        if not args.quiet:
+            made = ", ".join(n for n in OUTPUTS if (out / n).is_file())
+            print(f"{f'[{k + 1}/{len(images)}] ' if batch else ''}wrote {out}/: {made}  ({secs:.1f} s)")
+    if batch:
+        print(f"{len(images) - len(failed)}/{len(images)} images edited into {root}/, {len(failed)} failed"
+              + (f" ({', '.join(str(f) for f in failed[:5])}{', ...' if len(failed) > 5 else ''})" if failed else "")
+              + f"  ({time.perf_counter() - t_start:.1f} s)", file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0
 
-    # write everything to a temporary folder first, then move: nothing half-written on failure
+
+def edit_one(pipe: InstDiffEdit, image: Path, out: Path, args, opts: EditOptions, given: dict, shared: dict) -> float:
+    """Edit one image and write its output folder (all files or none); returns the seconds it took."""
+    tic = time.perf_counter()
+    img = load_image(image)
+    user_mask = load_mask(args.mask, img.size) if args.mask else None
+    steps: list = []
+    keep = (lambda i, t, st: steps.append((st.soft.float().cpu(), st.mask.cpu())) if st.stage == "mask" else None) \
+        if args.save_steps else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="prompt has .* tokens")  # the CLI warned once
+        res = pipe.edit(img, args.edit, mask=user_mask, progress=not args.quiet, method=args.method,
+                        callback_on_step_end=keep, **given)
+    pictures = {"edited.png": res.image, "mask.png": res.mask, "soft_mask.png": res.soft_mask,
+                "overlay.png": mask_outline(img, res.mask_latent)}
+    if args.save_attention and res.words:
+        pictures["attention.png"] = attention_figure(img, res.words, res.word_maps, res.P)
+    if steps:
+        pictures["steps.png"] = steps_strip(img, [soft for soft, _ in steps], [m for _, m in steps])
+    record = {
+        "image": str(image), "image_sha256": sha256_file(image), "edit": args.edit,
+        "mask_file": args.mask, "mask_sha256": sha256_file(Path(args.mask)) if args.mask else None,
+        "method": args.method, "options": opts.as_dict(), "device": str(pipe.device),
+        "dtype": str(pipe.dtype).removeprefix("torch."), "compile": args.compile,
+        "unet_evals": res.unet_evals, "unet_evals_by_model": res.unet_evals_by_model, "words": res.words, "P": res.P,
+        "outputs_sha256": {name: pixels_sha256(p) for name, p in pictures.items()
+                           if name in ("edited.png", "mask.png", "soft_mask.png")},
+        **{k: v for k, v in shared.items() if k != "load_s"},
+        "timings_s": {"load": round(shared["load_s"], 3), **{k: round(v, 3) for k, v in res.timings.items()},
+                      "total": round(shared["load_s"] + time.perf_counter() - tic, 3)},  # a batch loads once
+    }
+    _write_outputs(out, pictures, record)
+    return time.perf_counter() - tic
+
+
+def _write_outputs(out: Path, pictures: dict[str, Image.Image], record: dict) -> None:
+    """Write to a temporary folder first, then move: nothing half-written on failure."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
-        res.image.save(tmp / "edited.png")
-        res.mask.save(tmp / "mask.png")
-        res.soft_mask.save(tmp / "soft_mask.png")
-        overlay(img, res.mask).save(tmp / "overlay.png")
-        if args.save_attention and res.words:
-            attention_grid(res.words, res.word_maps, res.P).save(tmp / "attention.png")
-        record = {
-            "image": str(image), "edit": args.edit, "model": model,
-            "inpaint_model": inpaint_model if needs_inpaint else None, "mask_file": args.mask,
-            "options": opts.as_dict(), "unet_evals": res.unet_evals,
-            "unet_evals_by_model": res.unet_evals_by_model, "device": str(pipe.device), "dtype": str(dtype).removeprefix("torch."),
-            "compile": args.compile, "words": res.words, "P": res.P,
-            "timings_s": {"load": round(load_s, 3), **{k: round(v, 3) for k, v in res.timings.items()},
-                          "total": round(time.perf_counter() - t_start, 3)},
-            "versions": versions(pipe.device),
-        }
+        for name, picture in pictures.items():
+            picture.save(tmp / name)
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         made = sorted(tmp.iterdir())
         for f in made:
@@ -696,11 +798,63 @@ def run(args) -> int:
             (out / n).unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not args.quiet:
-        print(f"wrote {out}/edited.png, mask.png, soft_mask.png, overlay.png"
-              + (", attention.png" if args.save_attention and res.words else "") + ", run.json"
-              + f"  ({record['timings_s']['total']:.1f} s)")
+
+
+def replay(path: Path, args) -> int:
+    """Rerun the edit a run.json records, into a temporary folder, and say whether the outputs match."""
+    try:
+        rec = json.loads(path.read_text())
+        argv = list(rec["argv"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise EditError(f"{path}: not a run.json of instdiffedit (no argv)") from None
+    notes = []
+    image = Path(rec["image"])
+    if not image.is_file():
+        raise EditError(f"{path}: its input {image} is gone")
+    if sha256_file(image) != rec.get("image_sha256"):
+        notes.append(f"input {image} has changed since the run")
+    if rec.get("mask_file") and sha256_file(Path(rec["mask_file"])) != rec.get("mask_sha256"):
+        notes.append(f"mask {rec['mask_file']} has changed since the run")
+    if rec.get("code_commit") and rec["code_commit"] != code_commit():
+        notes.append(f"code {code_commit()} differs from the run's {rec['code_commit']}")
+    with tempfile.TemporaryDirectory(prefix="instdiffedit-replay-") as tmp:
+        again = build_parser().parse_args(_replace_flag(_replace_flag(argv, "--image", [str(image)]),
+                                                        "--out", [tmp]) + ["--overwrite", "--quiet"])
+        again.device = args.device or rec.get("device")
+        code = run(again, argv)
+        if code:
+            return code
+        new = json.loads((Path(tmp) / "run.json").read_text())
+    for role, m in rec.get("models", {}).items():
+        now = new["models"].get(role, {})
+        if m.get("revision") != now.get("revision"):
+            notes.append(f"{role} {m.get('source')}: revision {now.get('revision')} (run: {m.get('revision')})")
+    if rec.get("model_sha256") != new.get("model_sha256"):
+        notes.append("local model files differ from the run's (model_sha256)")
+    diff = [n for n, h in rec.get("outputs_sha256", {}).items() if new["outputs_sha256"].get(n) != h]
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if diff:
+        print(f"replay of {path}: outputs DIFFER ({', '.join(diff)})")
+        return 1
+    print(f"replay of {path}: outputs match ({', '.join(rec.get('outputs_sha256', {}))} identical pixels)")
     return 0
+
+
+def _replace_flag(argv: list[str], flag: str, values: list[str]) -> list[str]:
+    """argv without `flag` and its values (up to the next --option), then `flag values`."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith(flag + "="):
+            i += 1
+        elif argv[i] == flag:
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+        else:
+            out.append(argv[i])
+            i += 1
+    return out + [flag, *values]
 
 
 def versions(device: torch.device | None = None) -> dict[str, str | None]:
