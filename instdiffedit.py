@@ -226,6 +226,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
+# Measured on the bundled toy model, one CPU thread (README, "Devices"): edit time relative to fp32.
+CPU_HALF_COST = {torch.float16: "HALF16", torch.bfloat16: "HALF_BF"}
+
+
+def check_precision(device: torch.device, dtype: torch.dtype) -> None:
+    """Half precision on the CPU works but is slower, not faster: say so (Python shows it once)."""
+    if device.type == "cpu" and dtype in CPU_HALF_COST:
+        warnings.warn(f"{str(dtype).removeprefix('torch.')} on the CPU is slower than fp32 (measured "
+                      f"{CPU_HALF_COST[dtype]} the fp32 time) and no more accurate; fp32 is the CPU default",
+                      RuntimeWarning, stacklevel=3)
+
+
 # ---------------------------------------------------------------- the pipeline
 
 class InstDiffEdit:
@@ -262,6 +274,7 @@ class InstDiffEdit:
         """
         device = resolve_device(device)
         dtype = dtype or default_dtype(device)
+        check_precision(device, dtype)
         inpaint_model = default_inpaint_model(model) if inpaint_model == "auto" else inpaint_model
         parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
         own = tuple(c for c in parts if c != "tokenizer") if tokenizer else parts  # what the model source gives
@@ -393,6 +406,7 @@ class InstDiffEdit:
         """Move every network to `device` (and `dtype`) in place; returns the pipeline, as torch does."""
         device = resolve_device(device) if device is not None else self.device
         dtype = dtype or self.dtype
+        check_precision(device, dtype)
         for net in (self.unet, self.vae, self.text_encoder, self.inpaint_unet):
             if net is not None:
                 net.to(device=device, dtype=dtype)
@@ -427,8 +441,11 @@ class InstDiffEdit:
         soft = m.float() if st is None else st.soft
         maps = st.word_maps if st is not None and st.word_maps is not None else torch.zeros(0, h, w)
         size = img.size
+        edited = None if image is None else to_pil(image).resize(size, Image.BICUBIC)
+        if edited is not None and job.o.keep_unmasked and st is not None:
+            edited = keep_unmasked(img, edited, m)
         return EditResult(
-            image=None if image is None else to_pil(image).resize(size, Image.BICUBIC),
+            image=edited,
             mask=map_to_pil(m, size, binary=True), soft_mask=map_to_pil(soft, size),
             P=[int(v) for v in st.P] if st is not None else [], words=st.words if st is not None else [],
             word_maps=maps.float().cpu(), mask_latent=m.cpu(), soft_latent=soft.float().cpu(),
@@ -474,7 +491,7 @@ class InstDiffEdit:
              steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
              seed: int | None = None, attention: str | None = None, attention_res: int | None = None,
              gamma1: float | None = None, gamma2: float | None = None, inpaint: bool | None = None,
-             source: str | None = None, num_inference_steps: int | None = None,
+             source: str | None = None, keep_unmasked: bool | None = None, num_inference_steps: int | None = None,
              guidance_scale: float | None = None, generator: torch.Generator | None = None,
              callback_on_step_end=None, progress: bool = False, **method_options) -> "EditResult | list[EditResult]":
         """Edit `image` toward the text `edit` (the only prompt) with `method`; returns an EditResult.
@@ -532,6 +549,18 @@ def _options_doc() -> str:
 
 InstDiffEdit.edit.__doc__ += _options_doc()
 InstDiffEdit.mask.__doc__ += _options_doc()
+
+
+def keep_unmasked(original: Image.Image, edited: Image.Image, mask: torch.Tensor) -> Image.Image:
+    """The original pixels outside the mask, the edit inside, blended across a feathered edge: the mask
+    (latent size) upsampled smoothly, cut at 0.5, then blurred by 4 px per 512 px of image (A1111's
+    default mask blur), so no seam shows where the two meet."""
+    from PIL import ImageFilter
+
+    from evaluation.figures import smooth
+    inside = Image.fromarray(((smooth(mask.float(), original.size) > 0.5) * 255).astype("uint8"), "L")
+    feather = inside.filter(ImageFilter.GaussianBlur(max(1.0, 4 * min(original.size) / 512)))
+    return Image.composite(edited, original.convert("RGB"), feather)
 
 
 def _clock(device: torch.device) -> float:
@@ -610,6 +639,7 @@ def _check_out(out: Path, image: Path, overwrite: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"  # the CLI's warnings: one line
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.replay and (not args.image or args.edit is None):

@@ -118,3 +118,37 @@ def test_to_moves_every_network(tiny_sd):
         == {torch.bfloat16}
     with pytest.raises(EditError, match="meta"):
         p.to("meta")
+
+
+def test_keep_unmasked_pastes_the_original_outside_the_feathered_mask(pipe, one_thread):
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")
+    m = np.zeros((64, 64), bool)
+    m[16:48, 16:48] = True
+    plain = pipe.edit(img, "a red cup", mask=m, **OPTS)
+    kept = pipe.edit(img, "a red cup", mask=m, keep_unmasked=True, **OPTS)
+    a, b, src = (np.asarray(x, dtype=np.int16) for x in (plain.image, kept.image, img))
+    far_out = np.ones((64, 64), bool)
+    far_out[10:54, 10:54] = False  # more than the 1-px feather (64 px image) away from the mask's edge
+    assert np.array_equal(b[far_out], src[far_out]) and not np.array_equal(a[far_out], src[far_out])
+    assert np.array_equal(b[22:42, 22:42], a[22:42, 22:42])  # deep inside: the edit itself
+
+
+def test_devices_and_half_precision_on_the_cpu():
+    from instdiffedit import check_precision, default_dtype, resolve_device
+    with pytest.raises(EditError, match="'meta' is not supported"):
+        resolve_device("meta")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(EditError, match="MPS is not available here"):
+            resolve_device("mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(EditError, match="CUDA is not available here"):
+            resolve_device("cuda:1")
+        assert resolve_device(None).type in ("mps", "cpu")
+    assert default_dtype(torch.device("mps")) == torch.float16 == default_dtype(torch.device("cuda"))
+    with pytest.warns(RuntimeWarning, match="float16 on the CPU is slower than fp32"):
+        check_precision(torch.device("cpu"), torch.float16)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_precision(torch.device("cpu"), torch.float32)
