@@ -34,7 +34,7 @@ wheel: $(RUNTIME)
 # the main job, offline: edit the bundled example scene with the bundled toy model (CPU, < 1 min)
 demo: $(RUNTIME)
 	$(BIN)/python instdiffedit.py --image assets/examples/scene.png --edit "$(DEMO_EDIT)" --model toy \
-		--out out/demo --save-attention --overwrite
+		--out out/demo --save-attention --save-steps --overwrite
 
 DEMO_EDIT ?= a blue circle
 
