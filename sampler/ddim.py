@@ -52,6 +52,13 @@ class DDIMSampler(Sampler):
     def scale_model_input(self, sample: torch.Tensor, i: int) -> torch.Tensor:
         return sample
 
+    def noise_std(self, i: int, eta: float | None = None) -> torch.Tensor:
+        """Factor of the fresh noise z in step i: eta * sqrt(var(t, prev)), DDIM's sigma_t (Eq. 16)."""
+        self._require_timesteps()
+        eta = self.eta if eta is None else float(eta)
+        a_t, a_prev = self._alpha_t[i], self._alpha_prev[i]
+        return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+
     def step(
         self,
         model_output: torch.Tensor,
