@@ -93,6 +93,7 @@ def test_missing_folders_are_errors(toy_data, tmp_path, capsys):
         assert code == 2 and f"error: {flag} {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two model loads per torchrun rank plus two --shard runs: about 25 s
 def test_shards_and_torchrun_equal_one_process(toy_data, single, tmp_path):
     expected = _items(single)
     # two independent --shard processes (run one after the other here) into one folder
