@@ -613,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default=None, help="use this mask (white = edit) instead of generating one")
     p.add_argument("--save-attention", action="store_true", help="also write the labelled per-word attention maps")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or per-image lines (a batch still ends with its summary line)")
     add_arguments(p)  # --method and every method's options, from their specs (methods/options.py)
     return p
 
@@ -762,11 +763,12 @@ def run(args, argv: list[str]) -> int:
     for k, (image, out) in enumerate(zip(images, outs)):
         try:
             secs = edit_one(pipe, image, out, args, opts, given, shared)
-        except (EditError, OSError) as e:
+        except Exception as e:  # in a batch any failure is this image's: report it, go on with the rest
             if not batch:
                 raise
             failed.append(image)
-            msg = " ".join(str(e).split())
+            msg = " ".join(str(e).split()) if isinstance(e, (EditError, WeightsError, OSError)) \
+                else f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             print(f"error: {msg if str(image) in msg else f'{image}: {msg}'}", file=sys.stderr)
             continue
         if not args.quiet:
