@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     try:
         summary = run_dataset(items, args.images, out, edit_fn, args.masks, method=args.method, image_size=pipe.size,
                               limit=args.limit, verbose=not args.quiet, config=config, force=args.force,
-                              shard=shard)
+                              shard=shard, on_error="record")  # a failing item is listed; a rerun retries it
     except RunConflict as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
