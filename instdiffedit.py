@@ -452,10 +452,16 @@ class InstDiffEdit:
             latents=None if st is None or st.latents is None else st.latents.cpu(), timings=timings,
             unet_evals=sum(self.unet_evals.values()), unet_evals_by_model=dict(self.unet_evals))
 
-    def _run(self, kind: str, image, edit, mask, method: str, given: dict, aliases: dict, progress: bool,
-             generator, callback):
-        """edit() and mask(): options gathered and checked once, then one image or a list of them."""
-        for ours, (alias, value) in aliases.items():  # diffusers' names for the same options
+    ALIASES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}  # diffusers' names for ours
+
+    def _run(self, kind: str, call: dict):
+        """edit() and mask() (`call`: their arguments): options gathered and checked once, then one image
+        or a list of them."""
+        image, edit, mask, method = call["image"], call["edit"], call.get("mask"), call["method"]
+        progress, generator, callback = call["progress"], call["generator"], call["callback_on_step_end"]
+        given = {k: v for k, v in call.items() if k in SHARED_BY_NAME and v is not None} | call["method_options"]
+        for alias, ours in self.ALIASES.items():
+            value = call[alias]
             if value is not None:
                 if given.get(ours, value) != value:
                     raise EditError(f"{ours}={given[ours]} and {alias}={value} disagree; pass one of them")
@@ -512,11 +518,7 @@ class InstDiffEdit:
         Every other keyword is a method option (None: the method's default); a method's own options
         (e.g. diffedit_samples) go in **method_options. The options:
         """
-        given = {k: v for k, v in locals().items() if k in SHARED_BY_NAME and v is not None} | method_options
-        aliases = {"steps": ("num_inference_steps", num_inference_steps),
-                   "guidance": ("guidance_scale", guidance_scale)}
-        return self._run("edit", image, edit, mask, method, given, aliases, progress, generator,
-                         callback_on_step_end)
+        return self._run("edit", locals())
 
     def mask(self, image, edit: str | list[str], *, method: str = "instdiffedit",
              strength: float | None = None, threshold: float | None = None, rounds: int | None = None,
@@ -529,11 +531,7 @@ class InstDiffEdit:
         """The mask of `method` alone (InstDiffEdit: stage 1, no inpainting), as an EditResult whose
         `image` is None. Arguments as for edit(); EditError for a method that makes no mask. The options:
         """
-        given = {k: v for k, v in locals().items() if k in SHARED_BY_NAME and v is not None} | method_options
-        aliases = {"steps": ("num_inference_steps", num_inference_steps),
-                   "guidance": ("guidance_scale", guidance_scale)}
-        return self._run("mask", image, edit, None, method, given, aliases, progress, generator,
-                         callback_on_step_end)
+        return self._run("mask", locals())
 
 
 def _options_doc() -> str:
