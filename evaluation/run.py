@@ -36,6 +36,12 @@ def _on_sigterm(signum, frame):
     raise Stopped()
 
 
+def _stopped(e: KeyboardInterrupt, what: str) -> int:
+    """Ctrl-C or SIGTERM: one line, and the shell's exit code for the signal."""
+    print(f"{'terminated' if isinstance(e, Stopped) else 'interrupted'}: {what}", file=sys.stderr)
+    return 143 if isinstance(e, Stopped) else 130
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(v) for v in text.split("/"))
@@ -80,6 +86,7 @@ def main(argv=None) -> int:
     from weights import WeightsError
 
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # from here on SIGTERM is a KeyboardInterrupt (Stopped)
     options = options_from_args(args)  # the source text comes from each item, not from --source
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dist = None
@@ -109,6 +116,8 @@ def main(argv=None) -> int:
     except (ValueError, OSError, EditError, WeightsError) as e:
         print(f"error: {' '.join(str(e).split()) if not isinstance(e, WeightsError) else e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        return _stopped(e, "before the first item: nothing was written")
 
     resolved = {k: v for k, v in o.as_dict().items() if k != "source"}  # every option, defaults included
     models = model_record(pipe)
@@ -131,7 +140,6 @@ def main(argv=None) -> int:
         mask = np.asarray(res.mask) > 127 if method.makes_mask else None
         return res.image, mask, time.perf_counter() - tic, {"unet_evals": res.unet_evals}
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
     out = Path(args.out)
     try:
         summary = run_dataset(items, args.images, out, edit_fn, args.masks, method=args.method, image_size=pipe.size,
@@ -141,9 +149,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"{'terminated' if isinstance(e, Stopped) else 'interrupted'}: summary.json counts what is done; "
-              f"rerun the same command to resume", file=sys.stderr)
-        return 143 if isinstance(e, Stopped) else 130
+        return _stopped(e, "summary.json counts what is done; rerun the same command to resume")
     if dist is not None:
         dist.barrier()  # every rank's items are on disk: rank 0 writes the whole run's summary and report
         if rank == 0:
