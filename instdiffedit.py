@@ -14,9 +14,8 @@ import argparse
 import json
 import os
 import platform
-import shutil
+import struct
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import outset
 from evaluation.figures import attention_figure, mask_outline, steps_strip
-from methods import (REGISTRY, EditError, EditOptions, Job, MaskOutput, StepState, add_arguments, get_method,
-                     options_from_args)
+from methods import (EditError, EditOptions, Job, MaskOutput, StepState, add_arguments, check_finite, get_method,
+                     guidance_cause, options_from_args)
 from methods.options import SHARED_BY_NAME
 from sampler import SchedulerConfig, cfg, make_sampler
 from weights import (DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, Need, WeightsError, default_inpaint_model, load,
@@ -38,6 +38,36 @@ from weights.sources import BUNDLED, assets_dir
 TOY_MODEL = str(assets_dir() / BUNDLED["toy"])  # the bundled toy model: --model toy
 TOY_INPAINT_MODEL = str(assets_dir() / BUNDLED["toy-inpaint"])
 MAX_PIXELS = 64_000_000  # larger inputs are refused as possible decompression bombs
+
+
+def check_device(device: str) -> torch.device:
+    """A device this build of torch can run on, or one EditError line saying why not."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EditError(f"--device '{device}' is not a torch device") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EditError(f"--device {device}: CUDA is not available here")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise EditError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices here")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_built():
+            raise EditError(f"--device {device}: this torch build has no MPS support")
+        if not torch.backends.mps.is_available():
+            raise EditError(f"--device {device}: MPS is not available on this machine")
+    elif d.type != "cpu":
+        raise EditError(f"--device {device}: only cpu, cuda and mps devices can run an edit")
+    return d
+
+
+def check_text(text: str, what: str) -> None:
+    """Text that can be tokenised and written to run.json: valid Unicode (no lone surrogates, which is how
+    Python hands over command-line bytes that are not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EditError(f"{what} is not valid UTF-8 text (undecodable byte at character {e.start})") from None
 
 
 # ---------------------------------------------------------------- options and results
@@ -63,32 +93,45 @@ class EditResult:
 
 # ---------------------------------------------------------------- images
 
+# What Pillow's decoders and plugins raise on malformed data, after open() as well as in it (EXIF parsing
+# in exif_transpose, lazy decoding in convert): SyntaxError "not a TIFF file" from a WebP's EXIF block,
+# struct.error from a short TIFF tag, ... Named, not `Exception`, so a bug of ours still shows itself.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, TypeError, EOFError, IndexError, KeyError,
+                 ZeroDivisionError, OverflowError, MemoryError, RecursionError, NotImplementedError,
+                 struct.error)
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open any image PIL reads as 8-bit RGB, EXIF orientation applied, alpha composited on white."""
-    from PIL import ImageOps
+    """Open any image PIL reads as 8-bit RGB, EXIF orientation applied, alpha composited on white.
+    Every decoding step runs inside one guard: only EditError leaves this function."""
     path = Path(path)
-    if not path.is_file():
-        raise EditError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise EditError(f"{path}: empty file")
+    try:
+        if not path.is_file():
+            raise EditError(f"{path}: no such file")
+        if path.stat().st_size == 0:
+            raise EditError(f"{path}: empty file")
+    except OSError as e:  # e.g. a symlink loop, a name too long
+        raise EditError(f"{path}: cannot be read ({_one_line(e)})") from None
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            img.load()
+            with Image.open(path) as img:
+                img.load()
+                return _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise EditError(f"{path}: image is over the {MAX_PIXELS:,}-pixel limit (possible decompression bomb)") from None
-    except Exception as e:
-        raise EditError(f"{path}: not a readable image ({' '.join(str(e).split())[:150]})") from None
-    return _to_rgb(ImageOps.exif_transpose(img))
+    except DECODE_ERRORS as e:
+        raise EditError(f"{path}: not a readable image ({type(e).__name__}: {_one_line(e)[:150]})") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16-bit and float greyscale rescaled, alpha composited on white."""
+    """A decoded image of any mode -> RGB: EXIF orientation, 16-bit/float rescaled, alpha on white."""
+    import numpy as np
+    from PIL import ImageOps
+    img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: rescale, don't clip
-        import numpy as np
-        a = np.asarray(img, dtype=np.float64)
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         img = Image.fromarray((a.clip(0, top) / top * 255).round().astype(np.uint8), "L")
     if img.mode == "P":
@@ -97,6 +140,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, img.convert("RGBA"))
     return img.convert("RGB")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def to_tensor(img: Image.Image, size: int, device, dtype) -> torch.Tensor:
@@ -200,25 +247,12 @@ def as_mask(mask, size: tuple[int, int]) -> torch.Tensor:
 # ---------------------------------------------------------------- devices
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The given device, else cuda, else mps, else cpu; one that this torch cannot use is refused."""
+    """The given device (checked by check_device: the one place), else cuda, else mps, else cpu."""
     if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EditError(f"device '{device}' is not a torch device") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise EditError(f"device '{device}': CUDA is not available here ({why})")
-    if d.type == "mps" and not torch.backends.mps.is_available():
-        why = ("this torch is built without MPS" if not torch.backends.mps.is_built()
-               else "MPS needs Apple silicon and macOS 12.3 or later")
-        raise EditError(f"device '{device}': MPS is not available here ({why})")
-    if d.type not in ("cpu", "cuda", "mps"):  # e.g. meta: runs nothing; xpu etc.: untested
-        raise EditError(f"device '{device}' is not supported (use cpu, cuda or mps)")
-    return d
+    return check_device(str(device))
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -303,6 +337,31 @@ class InstDiffEdit:
                 pipe.inpaint_unet = torch.compile(pipe.inpaint_unet)
         return pipe
 
+    def cross_attention_grids(self, latent: int) -> list[int]:
+        """Query grids (side) where the UNet has cross-attention, for a square latent of side `latent`:
+        the levels of its CrossAttn down/up blocks and the mid block (lowest level), from its config."""
+        c = self.unet.config
+        sides = [latent]
+        for _ in c.down_block_types[1:]:
+            sides.append((sides[-1] + 1) // 2)  # stride-2 conv, padding 1
+        grids = {sides[i] for i, t in enumerate(c.down_block_types) if t.startswith("CrossAttn")}
+        grids |= {sides[-1 - j] for j, t in enumerate(c.up_block_types) if t.startswith("CrossAttn")}
+        return sorted(grids | {sides[-1]}, reverse=True)
+
+    def check_memory(self, batch: int) -> None:
+        """Refuse a run whose UNet batch cannot fit, before allocating. The estimate is a lower bound:
+        the first level's activations (a resnet holds about 8 tensors of batch x C0 x latent pixels)
+        plus the batch's latents, so only runs that surely cannot fit are refused."""
+        latent = self.size // self.vae_factor
+        c0 = self.unet.config.block_out_channels[0]
+        item = torch.finfo(self.dtype).bits // 8
+        need = batch * latent * latent * (8 * c0 + 4 * self.unet.config.in_channels) * item
+        free = _free_memory(self.device)
+        if free is not None and need > free:
+            raise EditError(f"this run needs at least {need / 2**30:,.1f} GiB for a UNet batch of {batch} "
+                            f"(--rounds or DiffEdit samples x 2 for guidance) on {self.device}, and "
+                            f"{free / 2**30:,.1f} GiB is free")
+
     # -- text and latents
 
     @torch.no_grad()
@@ -317,7 +376,8 @@ class InstDiffEdit:
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z / self.scale)
+        return check_finite(self.vae.decode(z / self.scale), "the VAE decoder",
+                            "its weights or scaling_factor, or fp16 overflow: try --dtype fp32")
 
     # -- what every method shares (methods/base.py lists it)
 
@@ -390,6 +450,7 @@ class InstDiffEdit:
             x = sampler.step(self.unet_cfg(self.inpaint_unet, sampler, x, i, t, emb, o.guidance, extra), i, x)
             if callback is not None:
                 callback(i, t, StepState("inpaint", x, mask, mask.float()))
+        check_finite(x, "the inpainting finish", guidance_cause(o.guidance))
         return self.decode(x)
 
     # -- public API
@@ -418,6 +479,9 @@ class InstDiffEdit:
             raise EditError("the edit text is empty")
         if get_method(o.method).needs_source and not o.source.strip():
             raise EditError(f"method {o.method} needs the text of what the image shows (--source / source=)")
+        check_text(edit, "the edit text")
+        check_text(o.source, "the source text")
+        self.check_memory(get_method(o.method).unet_batch(o))
         img = as_image(image)
         return img, to_tensor(img, self.size, self.device, self.dtype)
 
@@ -561,6 +625,19 @@ def keep_unmasked(original: Image.Image, edited: Image.Image, mask: torch.Tensor
     return Image.composite(edited, original.convert("RGB"), feather)
 
 
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (None where it cannot be asked)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None
+
+
 def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -620,15 +697,44 @@ def build_parser() -> argparse.ArgumentParser:
 OUTPUTS = ("edited.png", "mask.png", "soft_mask.png", "overlay.png", "attention.png", "steps.png", "run.json")
 
 
-def _check_out(out: Path, image: Path, overwrite: bool) -> None:
+def _resolved(p: Path) -> Path:
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11's resolve)
+        raise EditError(f"{p}: cannot be resolved (a symlink loop?)") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file by path, through a symlink, or as a hard link (same st_dev and st_ino)."""
+    if _resolved(a) == _resolved(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse, before any work: an --out that cannot be a folder, earlier results without --overwrite,
+    and any input that an output (or the removal of the previous output set) would write over."""
+    if os.path.islink(out) and not os.path.exists(out):
+        raise EditError(f"{out}: --out is a dangling symlink or a symlink loop")
     if out.exists() and not out.is_dir():
         raise EditError(f"{out}: exists and is not a folder")
+    names = [out / n for n in OUTPUTS]
+    for p in names:  # a dangling link of our own is litter of an interrupted run: outset removes it
+        ours = os.path.join(outset.STORE, outset.CURRENT, p.name)
+        if os.path.islink(p) and not os.path.exists(p) and os.readlink(p) != ours:
+            raise EditError(f"{p}: is a dangling symlink or a symlink loop; remove it or choose another --out")
     if out.is_dir() and not overwrite:
-        clash = [n for n in OUTPUTS if (out / n).exists()]
+        clash = [p for p in names if p.exists()]
         if clash:
-            raise EditError(f"{out / clash[0]}: exists (use --overwrite, or another --out)")
-    if any((out / n).resolve() == image.resolve() for n in OUTPUTS):
-        raise EditError(f"{image}: the input would be overwritten by an output; choose another --out")
+            raise EditError(f"{clash[0]}: exists (use --overwrite, or another --out)")
+    store = _resolved(out / outset.STORE)
+    for inp in inputs:
+        if any(os.path.lexists(p) and _same_file(p, inp) for p in names) or \
+                any(_resolved(p) == _resolved(inp) for p in names) or _resolved(inp).is_relative_to(store):
+            raise EditError(f"{inp}: the input would be overwritten by an output; choose another --out")
     parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise EditError(f"{parent}: is not a folder, so --out {out} cannot be created")
@@ -649,11 +755,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. writing the results failed (permissions, disk full): one line, no traceback
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError, and so is the
+        # CPU allocator's "can't allocate memory"; any other RuntimeError is not anticipated
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
+                and "allocate" not in str(e) and "out of memory" not in str(e):
+            return _internal(e)
+        print(f"error: out of memory ({_one_line(e)[:120]}); try fewer --rounds, --dtype fp16 on CUDA, "
+              "or a smaller model", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 -- the top level only: a bug is one line, with how to see it all
+        return _internal(e)
+
+
+TRACEBACK_ENV = "INSTDIFFEDIT_TRACEBACK"
+
+
+def _internal(e: BaseException) -> int:
+    """An exception no check anticipated is a bug of ours, not bad input: say so in one line (exit 3) and
+    tell how to get the traceback, which INSTDIFFEDIT_TRACEBACK=1 prints (tests and CI set it)."""
+    if os.environ.get(TRACEBACK_ENV):
+        raise e
+    print(f"error: internal error, please report it: {type(e).__name__}: {_one_line(e)[:200]} "
+          f"(rerun with {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+    return 3
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -729,13 +858,15 @@ def run(args, argv: list[str]) -> int:
     outs = output_folders(images, root) if batch else [root]
     if not args.edit.strip():
         raise EditError("--edit is empty")
+    check_text(args.edit, "--edit")
     given = options_from_args(args)
     opts = EditOptions(args.method, **given)
+    check_text(opts.source, "--source")
     method = get_method(args.method)
     if not opts.inpaint and args.mask:
         raise EditError("--no-inpaint decodes the stage-1 result, which --mask skips: use one of them")
     for image, out in zip(images, outs):  # every output clash before loading anything
-        _check_out(out, image, args.overwrite)
+        _check_out(out, [image] + ([Path(args.mask)] if args.mask else []), args.overwrite)
     if args.mask and not Path(args.mask).is_file():
         raise EditError(f"{args.mask}: no such file")
     if not batch:
@@ -814,20 +945,10 @@ def edit_one(pipe: InstDiffEdit, image: Path, out: Path, args, opts: EditOptions
 
 
 def _write_outputs(out: Path, pictures: dict[str, Image.Image], record: dict) -> None:
-    """Write to a temporary folder first, then move: nothing half-written on failure."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
-    try:
-        for name, picture in pictures.items():
-            picture.save(tmp / name)
-        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-        made = sorted(tmp.iterdir())
-        for f in made:
-            os.replace(f, out / f.name)
-        for n in set(OUTPUTS) - {f.name for f in made}:  # --overwrite: no stale output of an earlier run
-            (out / n).unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """All or nothing: the new set replaces the previous one in one atomic switch (outset.py)."""
+    files: dict = {name: picture.save for name, picture in pictures.items()}
+    files["run.json"] = (json.dumps(record, indent=2) + "\n").encode()
+    outset.publish(out, files, legacy=OUTPUTS)
 
 
 def replay(path: Path, args) -> int:
@@ -847,6 +968,7 @@ def replay(path: Path, args) -> int:
         notes.append(f"mask {rec['mask_file']} has changed since the run")
     if rec.get("code_commit") and rec["code_commit"] != code_commit():
         notes.append(f"code {code_commit()} differs from the run's {rec['code_commit']}")
+    import tempfile
     with tempfile.TemporaryDirectory(prefix="instdiffedit-replay-") as tmp:
         again = build_parser().parse_args(_replace_flag(_replace_flag(argv, "--image", [str(image)]),
                                                         "--out", [tmp]) + ["--overwrite", "--quiet"])

@@ -277,6 +277,7 @@ def bench_edit(workdir: Path, steps: int, threads: int, log) -> dict:
     from PIL import Image
 
     import instdiffedit
+    import methods.instdiffedit as method_instdiffedit  # where stage 1 calls instant_mask
     from mask.store import AttentionStore
     from toy.world import render, scene_from_seed
 
@@ -304,13 +305,13 @@ def bench_edit(workdir: Path, steps: int, threads: int, log) -> dict:
     # instrumentation: time spent in the networks and in the mask bookkeeping during the edit
     timers = {"stage-1 UNet": Timer(pipe.unet.forward), "inpainting UNet": Timer(pipe.inpaint_unet.forward),
               "text encoder": Timer(pipe.text_encoder.forward), "VAE encode": Timer(pipe.vae.encode),
-              "VAE decode": Timer(pipe.vae.decode), "instant_mask": Timer(instdiffedit.instant_mask),
+              "VAE decode": Timer(pipe.vae.decode), "instant_mask": Timer(method_instdiffedit.instant_mask),
               "AttentionStore.maps": Timer(AttentionStore.maps), "AttentionStore.end_step": Timer(AttentionStore.end_step)}
     pipe.unet.forward, pipe.inpaint_unet.forward = timers["stage-1 UNet"], timers["inpainting UNet"]
     pipe.text_encoder.forward = timers["text encoder"]
     pipe.vae.encode, pipe.vae.decode = timers["VAE encode"], timers["VAE decode"]
-    old = instdiffedit.instant_mask, AttentionStore.maps, AttentionStore.end_step
-    instdiffedit.instant_mask = timers["instant_mask"]
+    old = method_instdiffedit.instant_mask, AttentionStore.maps, AttentionStore.end_step
+    method_instdiffedit.instant_mask = timers["instant_mask"]
     AttentionStore.maps = lambda self: timers["AttentionStore.maps"](self)
     AttentionStore.end_step = lambda self: timers["AttentionStore.end_step"](self)
     try:
@@ -318,7 +319,7 @@ def bench_edit(workdir: Path, steps: int, threads: int, log) -> dict:
         res = pipe.edit(img, EDIT_TEXT, steps=steps, attention_res=attention_res)
         total = time.perf_counter() - tic
     finally:
-        instdiffedit.instant_mask, AttentionStore.maps, AttentionStore.end_step = old
+        method_instdiffedit.instant_mask, AttentionStore.maps, AttentionStore.end_step = old
         torch.set_num_threads(threads_before)
     return {"model": what, "threads": threads, "image_size": pipe.size, "latent": lat, "attention_res": attention_res,
             "edit": EDIT_TEXT, "steps": steps,

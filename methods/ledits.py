@@ -113,7 +113,10 @@ def guided_denoise(pipe, inv: Inversion, uncond: torch.Tensor, concepts: list[Co
     h, w = x.shape[-2:]
     n = len(concepts)
     emb = torch.cat([uncond[None]] + [c.emb[None] for c in concepts])  # [uncond, concept 1, ..., concept C]
-    store = ConceptAttention((h // 4, w // 4), n) if n and o.ledits_mask != "noise" else None
+    if h % o.attention_res or w % o.attention_res:
+        raise EditError(f"attention_res {o.attention_res} does not divide the {h}x{w} latent")
+    factor = h // o.attention_res  # the shared attention_res option: 16 = SD's latent / 4, as diffusers uses
+    store = ConceptAttention((h // factor, w // factor), n) if n and o.ledits_mask != "noise" else None
     activation = torch.zeros(inv.zs.shape[0], n, h, w)
     for k in pipe.progress(range(inv.zs.shape[0]), progress, "ledits++ edit"):
         i = inv.start + k

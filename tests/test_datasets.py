@@ -1,4 +1,5 @@
-"""List parser on the shared list files, malformed lines, and the resumable runner."""
+"""List parser on the authors' dataset list files (when present beside the repository), malformed lines,
+and the resumable runner."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from evaluation.runner import run_dataset
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LISTS = SHARED / "reference" / "dataset-lists"
 needs_lists = pytest.mark.skipif(
-    not LISTS.is_dir(), reason=f"shared dataset lists not found at {LISTS} (../shared beside the repo)"
+    not LISTS.is_dir(), reason=f"the authors' dataset list files are not at {LISTS}"
 )
 
 
@@ -258,3 +259,17 @@ def test_runner_refuses_to_write_into_inputs(tmp_path):
 def test_edit_item_positional_fields():
     it = EditItem("1", "a.jpg", "src", "a dog", None, 3)
     assert it.caption is None and it.safe_id == "1"
+
+
+def test_runner_keeps_the_figures_edit_fn_reports(tmp_path):
+    """edit_fn may return a fourth element, a dict of its own per-item figures (the counted UNet evals)."""
+    items, img_dir, mask_dir, _ = _fake_dataset(tmp_path, n=2, missing=())
+    evals = iter([100, 300])
+
+    def edit(image, item):
+        return (*DummyEdit()(image, item), {"unet_evals": next(evals)})
+
+    summary = run_dataset(items, img_dir, tmp_path / "run", edit, mask_dir=mask_dir, image_size=None)
+    rows = [json.loads((tmp_path / "run" / i / "metrics.json").read_text()) for i in ("0", "1")]
+    assert [r["unet_evals"] for r in rows] == [100, 300]
+    assert summary["unet_evals"] == pytest.approx(200) and summary["n_unet_evals"] == 2

@@ -28,6 +28,7 @@ UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(3
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
             attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8)
 EDIT, SOURCE = "a blue circle", "a red square"
+RES = 4  # attention_res: the cross-attention grid at latent / 4, as SD's 16x16 at a 64x64 latent
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def _reference(tiny, sampler: str):
                                           ("dpmsolver-sde", "noise")])
 def test_inversion_and_edit_match_diffusers(tiny, sampler, mask):
     pipe, _, _ = tiny
-    o = EditOptions("ledits", steps=10, ledits_skip=0.15, ledits_sampler=sampler, ledits_mask=mask, seed=11)
+    o = EditOptions("ledits", steps=10, attention_res=RES, ledits_skip=0.15, ledits_sampler=sampler, ledits_mask=mask, seed=11)
     ref = _reference(tiny, sampler)
     assert type(ref.scheduler).__name__ == ("_DDIMIntTimesteps" if sampler == "ddim" else "DPMSolverMultistepScheduler")
     assert sampler == "ddim" or ref.scheduler.config.algorithm_type == "sde-dpmsolver++"
@@ -110,7 +111,7 @@ def test_reconstruction_without_concepts_returns_the_source_latents(tiny):
     DDIM (eta 1) has noise in every step; SDE-DPM-Solver++'s last step goes to sigma 0 without noise, so
     there the run ends on the model's x0 prediction instead (as in diffusers)."""
     pipe, _, _ = tiny
-    o = EditOptions("ledits", steps=8, ledits_skip=0.2, ledits_sampler="ddim")
+    o = EditOptions("ledits", steps=8, attention_res=RES, ledits_skip=0.2, ledits_sampler="ddim")
     z0 = pipe.encode_image(instdiffedit.to_tensor(_image(), SIZE, "cpu", torch.float32))
     uncond = pipe.text_encoder(pipe.tokenizer.encode([""]))[0]
     inv = invert(pipe, z0, o, torch.Generator().manual_seed(0), uncond)
@@ -123,7 +124,7 @@ def test_registered_method(tiny):
     row per step), the mask is the union of the guided pixels, UNet evaluations are counted at the call,
     the same seed gives the same bytes, and bad options get one-line errors."""
     pipe, _, _ = tiny
-    kw = dict(method="ledits", steps=6, ledits_skip=0.2)
+    kw = dict(method="ledits", steps=6, attention_res=RES, ledits_skip=0.2)
     a = pipe.edit(_image(), EDIT, source=SOURCE, **kw)
     b = pipe.edit(_image(), EDIT, source=SOURCE, **kw)
     assert a.image.tobytes() == b.image.tobytes()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,8 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from evaluation.metrics import change_rates, mask_iou
-from mask.instant import gaussian_blur, minmax
-from methods import REGISTRY, add_arguments, get_method, options_from_args
+from mask.filters import binomial_blur
+from mask.instant import minmax
+from methods import REGISTRY, EditError, EditOptions, add_arguments, get_method, options_from_args
 from toy.world import benchmark_cases, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ def source_text(case) -> str:
 
 def sot_only_mask(word_maps: torch.Tensor, threshold: float) -> torch.Tensor:
     """Baseline: the inverted start-token map alone, blurred and thresholded like Eq. 9's output."""
-    soft = minmax(gaussian_blur(gaussian_blur(word_maps[0].float())))
+    soft = minmax(binomial_blur(binomial_blur(word_maps[0].float())))
     return soft > threshold
 
 
@@ -116,7 +118,7 @@ def table(title: str, summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", default=str(MODEL))
     p.add_argument("--inpaint-model", default=str(INPAINT_MODEL))
@@ -129,13 +131,24 @@ def main(argv=None) -> int:
                    help="only the toy Table 1: every registered method on the same --methods-n cases")
     p.add_argument("--out", default=str(ROOT / "runs" / "eval-toy"))
     add_arguments(p, with_method=False)  # every method option (all methods run; each gets those that apply)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     given = options_from_args(args)
     if args.table1:
         args.n, args.no_ablation, args.no_methods = args.methods_n, True, False
 
     def options_for(method: str) -> dict:
         return {k: v for k, v in given.items() if k in get_method(method).option_specs()}
+
+    try:  # bad options: one line before anything is loaded
+        for method in REGISTRY:
+            EditOptions(method, **options_for(method))
+    except EditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from instdiffedit import InstDiffEdit
     torch.manual_seed(0)
