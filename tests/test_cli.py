@@ -459,7 +459,7 @@ def test_outputs_switch_as_one_set(cli, image, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert cli("--image", image, "--edit", "a cat", "--out", out, "--save-attention")[0] == 0
+    assert cli("--image", image, "--edit", "a cat", "--out", out, "--save-attention", "--save-steps")[0] == 0
     assert all(os.path.islink(out / n) for n in ALL) and outset.current_names(out) == ALL
     assert cli("--image", image, "--edit", "a dog", "--out", out, "--overwrite")[0] == 0
     assert files(out) == BASIC | {"notes.txt"} and outset.current_names(out) == BASIC
