@@ -46,6 +46,18 @@ class Job:
     mask: torch.Tensor | None = None  # user mask, bool at latent size: skips the method's own mask
     progress: bool = False    # show progress bars
     timings: dict[str, float] = field(default_factory=dict)  # pipe.finish records finish_s here
+    callback: object = None   # f(step, t, StepState) after every denoising step (callback_on_step_end)
+
+
+@dataclass
+class StepState:
+    """What callback_on_step_end sees after a denoising step (tensors on the pipeline's device; read only)."""
+    stage: str                # "mask" (InstDiffEdit's stage 1, after Eq. 5) or "inpaint" (the finish)
+    latents: torch.Tensor     # (batch, C, h, w) latents after the step
+    mask: torch.Tensor        # (h, w) bool: the current mask (the finish: its fixed mask)
+    soft: torch.Tensor        # (h, w) float: the current soft mask
+    word_maps: torch.Tensor | None = None  # (words, h, w) maps so far (stage "mask")
+    words: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -14,14 +14,15 @@ import torch
 from mask.instant import instant_mask
 from mask.store import AttentionStore
 
-from .base import Edited, Job, MaskOutput, Method, check_finite, guidance_cause, register
+from .base import Edited, Job, MaskOutput, Method, StepState, check_finite, guidance_cause, register
 from .options import EditError, EditOptions, Option
 
 
 @torch.no_grad()
 def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generator,
-           progress: bool = False, emb: torch.Tensor | None = None) -> MaskOutput:
-    """Instant mask and mask-guided denoising (Eq. 4-9), all n rounds in one batch."""
+           progress: bool = False, emb: torch.Tensor | None = None, callback=None) -> MaskOutput:
+    """Instant mask and mask-guided denoising (Eq. 4-9), all n rounds in one batch.
+    `callback(step, t, StepState)` runs after every step (callback_on_step_end)."""
     words = pipe.tokenizer.words(edit)  # [(word, [token positions])], positions count SOT as 0
     emb = pipe.encode_text(edit) if emb is None else emb
     sampler, start, z0, eps, x = pipe.noised(x0, o, gen, o.rounds)
@@ -32,6 +33,7 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
                         f"{', '.join(f'{g}x{g}' for g in grids)} grids of its {h}x{w} latent")
     store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res)
     positions = [pos for _, pos in words]
+    names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
     P, res = None, None
     for i in pipe.progress(range(start, len(sampler.timesteps)), progress, "mask + guided denoising"):
         t = sampler.timesteps[i]
@@ -46,8 +48,9 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
         y = sampler.add_noise_at(z0, eps, i)
         m = res.mask.to(x.dtype)
         x = y + m * (x - y)
+        if callback is not None:
+            callback(i - start, t, StepState("mask", x, res.mask, res.soft, res.word_maps, names))
     check_finite(x, "stage 1 (mask-guided denoising)", guidance_cause(o.guidance))
-    names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
     return MaskOutput(res.mask, res.soft, res.P, names, res.word_maps, x)
 
 
@@ -62,7 +65,7 @@ class InstDiffEdit(Method):
         return 2 * o.rounds
 
     def mask(self, pipe, job: Job) -> MaskOutput:
-        return stage1(pipe, job.x0, job.text, job.o, job.gen, job.progress, job.emb)
+        return stage1(pipe, job.x0, job.text, job.o, job.gen, job.progress, job.emb, job.callback)
 
     def edit(self, pipe, job: Job) -> Edited:
         if job.mask is not None or job.o.inpaint:

@@ -94,6 +94,8 @@ SHARED: tuple[Option, ...] = (
            "InstDiffEdit's Eq. 5 result instead)",
            flag="--no-inpaint"),
     Option("source", str, "", "text describing the input image (methods that need one: DiffEdit)"),
+    Option("keep_unmasked", bool, False, "paste the original pixels back outside a feathered version of the "
+           "final mask, so unmasked regions are truly untouched (diffusers' apply_overlay; beyond the paper)"),
 )
 SHARED_BY_NAME = {o.name: o for o in SHARED}
 

@@ -76,7 +76,7 @@ def run_cases(pipe, cases, method: str = "instdiffedit", full: bool = True, gt_m
         else:
             out = pipe.mask(img, case.edit_text, method=method, source=source_text(case), **options)
             row["seconds"] = time.perf_counter() - tic
-            pred, maps, row["unet_evals"] = _upsample(out.mask, pipe.size), out.word_maps, out.unet_evals
+            pred, maps, row["unet_evals"] = _upsample(out.mask_latent, pipe.size), out.word_maps, out.unet_evals
         if pred is not None:
             row["iou"] = mask_iou(pred, case.gt_mask)
         if maps is not None and len(maps):  # attention methods: word_maps[0] is the start token's map
