@@ -742,7 +742,15 @@ def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise EditError(f"{parent}: output folder is not writable")
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Session:
+    """What a caller that runs main() again and again (page.py) keeps between runs: the last loaded
+    models, so that a run with the same model flags does not load them again, and a step callback."""
+    loaded: dict = field(default_factory=dict)  # load arguments -> (pipeline, run.json's facts on its models)
+    on_step: object = None    # also called as f(step, t, state) after every denoising step (callback_on_step_end)
+
+
+def main(argv: list[str] | None = None, session: Session | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"  # the CLI's warnings: one line
     parser = build_parser()
@@ -750,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.replay and (not args.image or args.edit is None):
         parser.error("--image and --edit are required (or --replay RUN_JSON)")
     try:
-        return run(args, argv)
+        return run(args, argv, session)
     except (EditError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -849,7 +857,7 @@ def model_hashes(pipe: "InstDiffEdit") -> dict[str, dict[str, str]]:
     return out
 
 
-def run(args, argv: list[str]) -> int:
+def run(args, argv: list[str], session: Session | None = None) -> int:
     if args.replay:
         return replay(Path(args.replay), args)
     t_start = time.perf_counter()
@@ -878,20 +886,25 @@ def run(args, argv: list[str]) -> int:
 
     tic = time.perf_counter()
     needs_inpaint = opts.inpaint and method.uses_inpaint
-    pipe = InstDiffEdit.from_pretrained(model, inpaint_model if needs_inpaint else None, device, dtype, args.compile,
-                                        tokenizer=args.tokenizer)
+    key = (model, inpaint_model if needs_inpaint else None, str(device), dtype, args.compile, args.tokenizer)
+    if session is not None and key in session.loaded:
+        pipe, facts = session.loaded[key]
+    else:
+        pipe = InstDiffEdit.from_pretrained(key[0], key[1], device, dtype, args.compile, tokenizer=args.tokenizer)
+        facts = {"models": model_record(pipe), "model_sha256": model_hashes(pipe), "versions": versions(pipe.device)}
+        if session is not None:
+            session.loaded = {key: (pipe, facts)}  # the last models only: the ones before are freed
     load_s = time.perf_counter() - tic
     tokens = pipe.tokenizer._body(args.edit)[1]  # the uncut count (tokens() is already cut to 75)
     if tokens > 75:
         print(f"warning: the edit text has {tokens} tokens; only the first 75 are used", file=sys.stderr)
     shared = {"model": model, "inpaint_model": inpaint_model if needs_inpaint else None,
-              "command": ["instdiffedit", *argv], "argv": argv, "code_commit": code_commit(),
-              "models": model_record(pipe), "model_sha256": model_hashes(pipe), "versions": versions(pipe.device),
+              "command": ["instdiffedit", *argv], "argv": argv, "code_commit": code_commit(), **facts,
               "load_s": load_s}
     failed = []
     for k, (image, out) in enumerate(zip(images, outs)):
         try:
-            secs = edit_one(pipe, image, out, args, opts, given, shared)
+            secs = edit_one(pipe, image, out, args, opts, given, shared, session.on_step if session else None)
         except Exception as e:  # in a batch any failure is this image's: report it, go on with the rest
             if not batch:
                 raise
@@ -910,18 +923,24 @@ def run(args, argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def edit_one(pipe: InstDiffEdit, image: Path, out: Path, args, opts: EditOptions, given: dict, shared: dict) -> float:
-    """Edit one image and write its output folder (all files or none); returns the seconds it took."""
+def edit_one(pipe: InstDiffEdit, image: Path, out: Path, args, opts: EditOptions, given: dict, shared: dict,
+             on_step=None) -> float:
+    """Edit one image and write its output folder (all files or none); returns the seconds it took.
+    `on_step(step, t, state)` is called after every denoising step, as callback_on_step_end."""
     tic = time.perf_counter()
     img = load_image(image)
     user_mask = load_mask(args.mask, img.size) if args.mask else None
     steps: list = []
-    keep = (lambda i, t, st: steps.append((st.soft.float().cpu(), st.mask.cpu())) if st.stage == "mask" else None) \
-        if args.save_steps else None
+
+    def keep(i, t, st):
+        if args.save_steps and st.stage == "mask":
+            steps.append((st.soft.float().cpu(), st.mask.cpu()))
+        if on_step is not None:
+            on_step(i, t, st)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="prompt has .* tokens")  # the CLI warned once
         res = pipe.edit(img, args.edit, mask=user_mask, progress=not args.quiet, method=args.method,
-                        callback_on_step_end=keep, **given)
+                        callback_on_step_end=keep if args.save_steps or on_step is not None else None, **given)
     pictures = {"edited.png": res.image, "mask.png": res.mask, "soft_mask.png": res.soft_mask,
                 "overlay.png": mask_outline(img, res.mask_latent)}
     if args.save_attention and res.words:
