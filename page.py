@@ -16,21 +16,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import io
 import json
+import queue
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
 
 import instdiffedit
+from evaluation.figures import steps_strip
 from methods import REGISTRY, EditError, Option
 from methods.options import SHARED_BY_NAME
+from weights.sources import assets_dir
 
-HERE = Path(__file__).resolve().parent
-EXAMPLE = HERE / "assets" / "examples" / "scene.png"
+EXAMPLE = assets_dir() / "examples" / "scene.png"
 # The page's controls: (option, label). Everything else keeps the CLI's default or the page's flags.
 CONTROLS = (("strength", "r: noise strength"), ("threshold", "phi: mask threshold"), ("rounds", "rounds n"),
             ("steps", "steps"), ("seed", "seed"))
@@ -56,7 +60,7 @@ def cli_argv(image: str | None, edit: str, method: str, source: str, values: dic
     """The page's values as the CLI's arguments (`--flag=value`, so a negative number stays a value).
     A box left empty is left out: the CLI's default applies, as when the flag is not given."""
     argv = ([f"--image={image}"] if image else []) + [f"--edit={edit}", f"--method={method}", f"--out={out}",
-                                                      "--save-attention", "--overwrite", *flags]
+                                                      "--save-attention", "--save-steps", "--overwrite", *flags]
     if source:
         argv.append(f"--source={source}")
     for name, value in values.items():
@@ -66,13 +70,13 @@ def cli_argv(image: str | None, edit: str, method: str, source: str, values: dic
     return argv
 
 
-def run_cli(argv: list[str]) -> tuple[int, list[str]]:
+def run_cli(argv: list[str], session: instdiffedit.Session) -> tuple[int, list[str]]:
     """The CLI's main on `argv`: its exit code and what it said on stderr (warnings, the error line).
     An argparse error (a missing --image, a value that is not a number) exits; its message is kept."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):  # "wrote ...": the page shows it
         try:
-            code = instdiffedit.main(argv)
+            code = instdiffedit.main(argv, session)
         except SystemExit as e:  # argparse: usage line, then "instdiffedit.py: error: ..."
             code = e.code if isinstance(e.code, int) else 2
     lines = [ln for ln in err.getvalue().splitlines() if ln.strip() and not ln.startswith("usage:")
@@ -81,21 +85,24 @@ def run_cli(argv: list[str]) -> tuple[int, list[str]]:
 
 
 class Page:
-    """One page server: the fixed CLI flags and a folder of per-click output folders."""
+    """One page server: the fixed CLI flags, the CLI session that keeps the models loaded between clicks,
+    and a folder of per-click output folders."""
 
     def __init__(self, flags: list[str]):
         self.flags = flags
+        self.session = instdiffedit.Session()
         self.root = Path(tempfile.mkdtemp(prefix="instdiffedit-page-"))  # runs/ (one folder per click), examples/
         (self.root / "runs").mkdir()
 
-    def edit(self, image, edit, method, source, *values, progress=None):
+    def edit(self, image, edit, method, source, *values, on_step=None):
         """One click: run the CLI into a fresh folder; return the status line, the pictures, the words
-        with their P, and the downloads (a zip of the outputs, run.json)."""
+        with their P, and the downloads (a zip of the outputs, run.json). on_step: the step callback."""
         out = self._fresh()
         argv = cli_argv(image, edit or "", method, source or "", dict(zip([n for n, _ in CONTROLS], values)),
                         out / "out", self.flags)
         tic = time.perf_counter()
-        code, said = run_cli(argv)
+        self.session.on_step = on_step
+        code, said = run_cli(argv, self.session)
         empty = (None,) * len(PICTURES) + ("", None, None)
         if code != 0:
             line = next((ln for ln in reversed(said) if ln.startswith("error:")), f"error: exit status {code}")
@@ -121,10 +128,14 @@ class Page:
         return Path(tempfile.mkdtemp(dir=self.root / "runs"))
 
     def examples(self, n: int = 3) -> list[list[str]]:
-        """The bundled scene and `n` held-out toy benchmark scenes, each with an edit text."""
-        from PIL import Image
-        from toy.world import BENCHMARK_SEED, KINDS, make_edit_case, render
+        """The bundled scene and, in a checkout (toy/ is not installed), `n` held-out toy benchmark scenes,
+        each with an edit text."""
         rows = [[str(EXAMPLE), "a blue circle"]]
+        try:
+            from toy.world import BENCHMARK_SEED, KINDS, make_edit_case, render
+        except ImportError:
+            return rows
+        from PIL import Image
         folder = self.root / "examples"
         folder.mkdir(exist_ok=True)
         for i in range(n):
@@ -172,7 +183,39 @@ def build(page: Page):
         # Gradio finds its Progress among the positional parameters only (not after *inputs); with
         # track_tqdm it shows the pipeline's own progress bars (the CLI's, without --quiet) in the page
         def run(progress=gr.Progress(track_tqdm=True), image=None, *inputs):
-            return page.edit(image["path"] if image else None, *inputs)
+            """The edit in a worker thread; meanwhile the mask of every step so far, as the steps strip."""
+            path = image["path"] if image else None
+            live: queue.Queue = queue.Queue()
+
+            def on_step(step, t, state):
+                if state.stage == "mask":
+                    live.put((state.soft.float().cpu(), state.mask.cpu()))
+
+            done: list = []
+
+            def work():
+                try:
+                    done.append(page.edit(path, *inputs, on_step=on_step))
+                except BaseException as e:  # a bug: shown by Gradio, as any exception of the handler
+                    done.append(e)
+            # the progress bars follow Gradio's context variable into the thread
+            worker = threading.Thread(target=contextvars.copy_context().run, args=(work,))
+            worker.start()
+            picture, softs, masks, shown = None, [], [], 0
+            while worker.is_alive():
+                worker.join(timeout=0.5)  # at most two pictures a second
+                while not live.empty():
+                    soft, mask = live.get()
+                    softs.append(soft)
+                    masks.append(mask)
+                if len(softs) > shown and worker.is_alive():
+                    shown = len(softs)
+                    picture = picture or instdiffedit.load_image(path)  # the CLI has read it already
+                    yield (f"step {len(softs)}: the mask so far", *[gr.skip()] * 4, steps_strip(picture, softs, masks),
+                           *[gr.skip()] * 3)
+            if isinstance(done[0], BaseException):
+                raise done[0]
+            yield done[0]
 
         # preprocess=False: the values as the browser sent them (the upload checked and in Gradio's cache,
         # undecoded), so the CLI decodes the image with its own checks and messages, and checks the numbers

@@ -24,7 +24,7 @@ def test_wheel_installs_and_its_console_script_edits_with_the_toy_model(tmp_path
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.startswith("instdiffedit-")}
     # exactly what the README's "Installing" lists
-    assert top == {"instdiffedit.py", "outset.py", "model", "sampler", "mask", "methods", "weights", "evaluation",
+    assert top == {"instdiffedit.py", "outset.py", "page.py", "model", "sampler", "mask", "methods", "weights", "evaluation",
                    "instdiffedit_assets"}
     assert "instdiffedit_assets/toy-sd/tokenizer/vocab.json" in names
     assert "instdiffedit_assets/toy-sd-inpaint/unet/diffusion_pytorch_model.safetensors" in names
@@ -55,3 +55,6 @@ def test_wheel_installs_and_its_console_script_edits_with_the_toy_model(tmp_path
     r = subprocess.run([str(target / "bin" / "instdiffedit-eval"), "--help"], capture_output=True, text=True,
                        cwd=work, env=env)
     assert r.returncode == 0 and "--list" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([str(target / "bin" / "instdiffedit-page"), "--help"], capture_output=True, text=True,
+                       cwd=work, env=env)  # the page itself needs the `page` extra (Gradio): tests/test_page.py
+    assert r.returncode == 0 and "--port" in r.stdout, r.stderr[-2000:]

@@ -1,6 +1,6 @@
 """The web page (page.py) in a real headless browser: start the server on a free port, show the CLI's
 error line for bad input (no image, an out-of-range value, an image over the pixel limit) while the
-server keeps serving, then run one toy edit and check that the result and the mask appear.
+server keeps serving, then run one toy edit and check that the result, the masks and the figures appear.
 
 Needs Gradio (requirements-page.txt), selenium (requirements-dev.txt) and Debian's chromium and
 chromium-driver (.ci/run installs them); skipped with the reason where one is missing. The screenshot
@@ -119,7 +119,7 @@ def test_page_errors_then_edit(server, browser, tmp_path):
         box = d.find_element(By.CSS_SELECTOR, "#status textarea")
         d.execute_script("arguments[0].value = ''", box)  # so a repeated message is seen as new
         click("#run")
-        wait.until(lambda d: box.get_attribute("value").strip())
+        wait.until(lambda d: box.get_attribute("value").startswith(("done", "error")))  # not "step k: ..."
         return box.get_attribute("value")
 
     def set_value(css: str, text: str) -> None:
@@ -136,7 +136,7 @@ def test_page_errors_then_edit(server, browser, tmp_path):
     out = f"--out={tmp_path / 'cli'}"
     set_value("#edit textarea", "a blue circle")
     assert status_after_click() == cli_error(None, "--edit=a blue circle", out) \
-        == "error: the following arguments are required: --image"
+        == "error: --image and --edit are required (or --replay RUN_JSON)"
     upload(scene)
     set_value("#opt-rounds input", "0")
     assert status_after_click() == cli_error(scene, "--edit=a blue circle", "--rounds=0", out) \
@@ -161,7 +161,7 @@ def test_page_errors_then_edit(server, browser, tmp_path):
     upload(scene)
     status = status_after_click()
     assert status.startswith("done in"), status
-    for part in ("result", "mask", "soft-mask", "attention"):
+    for part in ("result", "mask", "soft-mask", "attention", "steps"):
         img = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{part} img"))[0]
         wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
         assert img.get_attribute("naturalWidth") not in (None, "0"), part
