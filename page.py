@@ -185,6 +185,7 @@ def build(page: Page):
         def run(progress=gr.Progress(track_tqdm=True), image=None, *inputs):
             """The edit in a worker thread; meanwhile the mask of every step so far, as the steps strip."""
             path = image["path"] if image else None
+            yield ("", *[None] * 5, "", None, None)  # the last click's pictures go: what follows is this one's
             live: queue.Queue = queue.Queue()
 
             def on_step(step, t, state):
@@ -220,7 +221,8 @@ def build(page: Page):
         # preprocess=False: the values as the browser sent them (the upload checked and in Gradio's cache,
         # undecoded), so the CLI decodes the image with its own checks and messages, and checks the numbers
         go.click(run, [image, edit, method, source, *values],
-                 [status, result, overlay, soft, attention, steps, table, archive, record], preprocess=False)
+                 [status, result, overlay, soft, attention, steps, table, archive, record], preprocess=False,
+                 show_progress_on=[status])  # the bars over the status line; the strip stays visible
     return demo
 
 
