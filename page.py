@@ -21,6 +21,7 @@ import io
 import json
 import queue
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -234,9 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     args, flags = p.parse_known_args(argv)
     if not any(f == "--model" or f.startswith("--model=") for f in flags):
         flags = ["--model", "toy", *flags]
+    def refuse(message: str):  # argparse's error() exits; here it becomes the one-line error below
+        raise EditError(message)
     try:  # the CLI's parser checks the page's flags once, before serving
         check = instdiffedit.build_parser()
-        check.error = lambda message: (_ for _ in ()).throw(EditError(message))
+        check.error = refuse
         check.parse_args(["--image", str(EXAMPLE), "--edit", "x", *flags])
         import gradio  # noqa: F401
     except EditError as e:
@@ -246,9 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the page needs Gradio: pip install -r requirements-page.txt", file=sys.stderr)
         return 2
     page = Page(flags)
-    demo = build(page)
-    demo.queue(default_concurrency_limit=1)  # one edit at a time: one model, one device
-    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(page.root)])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop (SIGTERM), like Ctrl-C, removes page.root
+    try:
+        demo = build(page)
+        demo.queue(default_concurrency_limit=1)  # one edit at a time: one model, one device
+        demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(page.root)])  # until Ctrl-C
+    finally:
+        shutil.rmtree(page.root, ignore_errors=True)
     return 0
 
 
