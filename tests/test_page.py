@@ -1,6 +1,8 @@
-"""The web page (page.py) in a real headless browser: start the server on a free port, show the CLI's
-error line for bad input (no image, an out-of-range value, an image over the pixel limit) while the
-server keeps serving, then run one toy edit and check that the result, the masks and the figures appear.
+"""The web page (page.py). Without a browser: the page's values become the CLI's flags, and bad values
+give the CLI's error line. In a real headless browser: start the server on a free port, show the CLI's
+error line for bad input (no image, an out-of-range value, an empty edit, an image over the pixel limit,
+a file that is not an image) while the server keeps serving, then run one toy edit and check that the
+result, the masks and the figures appear.
 
 Needs Gradio (requirements-page.txt), selenium (requirements-dev.txt) and Debian's chromium and
 chromium-driver (.ci/run installs them); skipped with the reason where one is missing. The screenshot
@@ -27,12 +29,18 @@ ARTIFACTS = REPO / "out" / "test-page"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
-pytestmark = [
-    pytest.mark.slow,  # about 40 s on 2 busy cores: server start, four clicks, one 10-step toy edit
+BROWSER_TEST = (
+    pytest.mark.slow,  # 30-40 s on 2 busy cores: server start, six clicks, one 10-step toy edit
     pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="no gradio (pip install -r requirements-page.txt)"),
     pytest.mark.skipif(importlib.util.find_spec("selenium") is None, reason="no selenium (requirements-dev.txt)"),
     pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no chromium and chromedriver (apt-get install chromium chromium-driver)"),
-]
+)
+
+
+def browser_test(f):
+    for mark in BROWSER_TEST:
+        f = mark(f)
+    return f
 
 
 def free_port() -> int:
@@ -95,6 +103,28 @@ def cli_error(image: Path | None, *flags: str) -> str:
     return line.replace(str(image), image.name) if image else line
 
 
+def test_page_values_become_the_cli_flags_and_errors(tmp_path):
+    """Without a browser or Gradio: the page's values as CLI flags, and its status line for bad values
+    (refused before any model loads) equal to the CLI's."""
+    import page
+    argv = page.cli_argv("a.png", "--x", "sdedit", "", {"strength": 0.25, "rounds": 3.0, "steps": None, "seed": -1},
+                         tmp_path, ["--model", "toy"])
+    assert argv[:3] == ["--image=a.png", "--edit=--x", "--method=sdedit"]  # an edit text is never a flag
+    assert "--strength=0.25" in argv and "--rounds=3" in argv and "--seed=-1" in argv
+    assert not any(a.startswith("--steps") for a in argv)  # an empty box: the CLI's default
+    p = page.Page(["--model", "toy"])
+    scene = REPO / "assets" / "examples" / "scene.png"
+    out = f"--out={tmp_path / 'cli'}"
+    for values, flags in (((0.5, 0.2, 3, 50, -1), ["--seed=-1"]), ((0.5, 1.5, 3, 50, 0), ["--threshold=1.5"]),
+                          ((0.5, 0.2, 2.5, 50, 0), ["--rounds=2.5"])):
+        status, *rest = p.edit(str(scene), "a blue circle", "instdiffedit", "", *values)
+        assert status == cli_error(scene, "--edit=a blue circle", out, *flags) and status.startswith("error: ")
+        assert rest[0] is None  # no picture
+    status = p.edit(str(scene), "a blue circle", "diffedit", "", 0.5, 0.2, 3, 50, 0)[0]
+    assert status == cli_error(scene, "--edit=a blue circle", "--method=diffedit", out)
+
+
+@browser_test
 def test_page_errors_then_edit(server, browser, tmp_path):
     from selenium.common.exceptions import ElementClickInterceptedException
     from selenium.webdriver.common.by import By
