@@ -105,7 +105,7 @@ def cli_error(image: Path | None, *flags: str) -> str:
 
 def test_page_values_become_the_cli_flags_and_errors(tmp_path):
     """Without a browser or Gradio: the page's values as CLI flags, and its status line for bad values
-    (refused before any model loads) equal to the CLI's."""
+    equal to the line the CLI prints for the same values."""
     import page
     argv = page.cli_argv("a.png", "--x", "sdedit", "", {"strength": 0.25, "rounds": 3.0, "steps": None, "seed": -1},
                          tmp_path, ["--model", "toy"])
