@@ -173,3 +173,17 @@ def test_cli_on_the_toy_model(tmp_path, one_thread, capsys):
                  "--quiet"]) != 0
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert err == ["error: pnp_attn 2.0 is outside [0, 1]"]
+
+
+@pytest.mark.slow  # loads both toy models and runs three rows: ~25 s on the loaded 2-core machine
+def test_toy_table1_runs_the_chosen_methods(tmp_path, one_thread, capsys):
+    from toy.benchmark import main as bench
+    assert bench(["--table1", "--methods", "pnp", "--methods-n", "1", "--steps", "2", "--pnp-inversion-steps", "2",
+                  "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res) == {"default", "pnp", "gt_mask"}
+    assert res["pnp"]["rows"][0]["unet_evals"] == 2 + 3 * 2 and "iou" not in res["pnp"]["rows"][0]
+    capsys.readouterr()
+    assert bench(["--table1", "--methods", "pnp,foo", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --methods: 'foo' is not one of instdiffedit, ") and "\n" not in err
