@@ -187,3 +187,26 @@ def test_toy_table1_runs_the_chosen_methods(tmp_path, one_thread, capsys):
     assert bench(["--table1", "--methods", "pnp,foo", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --methods: 'foo' is not one of instdiffedit, ") and "\n" not in err
+
+
+def test_inversion_and_negative_texts_reach_the_unet(pipe, image, one_thread):
+    seen = []
+
+    class Logged(type(pipe)):
+        def call_unet(self, unet, inp, t, ctx, recorder=None):
+            seen.append(ctx)
+            return super().call_unet(unet, inp, t, ctx, recorder)
+
+    logged = copy.copy(pipe)
+    logged.__class__ = Logged
+    logged.edit(image, "a red dog", method="pnp", steps=2, pnp_inversion_steps=2, pnp_inversion_text="source",
+                source="a red cat", pnp_negative="blurry")
+    inversion, denoising = seen[:2], seen[2:]
+    assert all(torch.equal(c[0], pipe.encode_text("a red cat")[1]) for c in inversion)
+    ctx = denoising[0]  # [source: "", uncond edit: the negative text, cond edit: the edit text]
+    assert torch.equal(ctx[0], pipe.encode_text("")[0]) and torch.equal(ctx[1], pipe.encode_text("blurry")[1])
+    assert torch.equal(ctx[2], pipe.encode_text("a red dog")[1]) and len(denoising) == 2
+    seen.clear()  # the defaults: the empty prompt for the inversion and as the unconditional text
+    logged.edit(image, "a red dog", method="pnp", steps=2, pnp_inversion_steps=2, source="a red cat")
+    empty = pipe.encode_text("")[0]
+    assert all(torch.equal(c[0], empty) for c in seen[:2]) and torch.equal(seen[2][1], empty)
