@@ -367,6 +367,8 @@ class InstDiffEdit:
         """Edit `image` (path or PIL) toward the text `edit` with `method` (see methods.REGISTRY).
         `mask` (bool, any size) replaces the method's own mask."""
         o = self.options(method, **options)
+        if mask is not None and not get_method(method).takes_mask:
+            raise EditError(f"method {method} edits the whole image and takes no mask")
         tic = _clock(self.device)
         img, job = self._job(image, edit, o, progress, mask)
         out = get_method(method).edit(self, job)

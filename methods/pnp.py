@@ -112,20 +112,16 @@ class PlugAndPlay(Method):
     options = (FEATURE, ATTN, INV_STEPS, INV_TEXT, NEGATIVE)
     defaults = {"sampler": "ddim"}
     makes_mask = False
+    samplers = ("ddim",)  # it inverts with DDIM
     uses_inpaint = False
+    takes_mask = False
 
     def check(self, o: EditOptions) -> None:
-        if o.sampler != "ddim":
-            raise EditError(f"method pnp denoises with DDIM (it inverts with DDIM); sampler {o.sampler!r} does not apply")
         if o.pnp_inversion_text == "source" and not o.source.strip():
             raise EditError("pnp --pnp-inversion-text source needs the text of what the image shows (--source)")
 
     @torch.no_grad()
     def edit(self, pipe, job: Job) -> Edited:
-        if job.mask is not None:
-            raise EditError("method pnp edits through features and attention and takes no mask")
-        if not job.o.inpaint:
-            raise EditError("--no-inpaint is InstDiffEdit's; pnp never inpaints")
         x, _ = run_pnp(pipe, job)
         return Edited(pipe.decode(x)[0], None)
 
