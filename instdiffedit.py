@@ -544,6 +544,8 @@ class InstDiffEdit:
 
     def _one(self, kind, image, edit, mask, o, progress, generator, callback) -> "EditResult":
         m = get_method(o.method)
+        if mask is not None and not m.takes_mask:
+            raise EditError(f"method {o.method} edits the whole image and takes no mask")
         tic = _clock(self.device)
         img, job = self._job(image, edit, o, progress, mask, generator, callback)
         if kind == "mask":

@@ -87,6 +87,8 @@ class Method:
     makes_mask: ClassVar[bool] = True        # pipe.mask() works; benchmarks score the mask's IoU
     needs_source: ClassVar[bool] = False     # needs a text describing the input image (option `source`)
     uses_inpaint: ClassVar[bool] = True      # finishes with the inpainting UNet (the CLI loads it)
+    takes_mask: ClassVar[bool] = True        # a user mask replaces (LEDITS++: weights) the method's own
+    samplers: ClassVar[tuple[str, ...] | None] = None  # the samplers it runs with (None: any)
 
     @classmethod
     def option_specs(cls) -> dict[str, Option]:
