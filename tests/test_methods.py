@@ -176,6 +176,8 @@ def test_unet_evals_equal_the_rows_the_unets_ran(pipe, monkeypatch, method):
     expected = {"instdiffedit": 2 * 2 * 2 + 4 * 2,            # rounds x CFG x steps + the finish
                 "diffedit": 3 * 2 * 2 * 2 + 4 * 2,            # samples x prompts x CFG x steps + the finish
                 "diffedit-mask": 3 * 2 * 2 + 4 * 2,           # samples x prompts x CFG, one step + the finish
+                "diffedit-original": 3 * 2 * 2 + 2 * 3 + 2 * 3,  # the same mask, then CFG x int(4 x 0.8) steps
+                                                              # inverted and decoded, no finish
                 "sdedit": 2 * 2}                              # CFG x steps, no finish
     if method in expected:
         assert res.unet_evals == expected[method]
