@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-methods", action="store_true")
     p.add_argument("--table1", action="store_true",
                    help="only the toy Table 1: every registered method on the same --methods-n cases")
+    p.add_argument("--methods", default=",".join(REGISTRY),
+                   help="comma-separated registered methods compared (InstDiffEdit always runs; default: all)")
     p.add_argument("--out", default=str(ROOT / "runs" / "eval-toy"))
     add_arguments(p, with_method=False)  # every method option (all methods run; each gets those that apply)
     return p
@@ -144,7 +146,8 @@ def main(argv=None) -> int:
         return {k: v for k, v in given.items() if k in get_method(method).option_specs()}
 
     try:  # bad options: one line before anything is loaded
-        for method in REGISTRY:
+        chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+        for method in chosen:
             EditOptions(method, **options_for(method))
     except EditError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
     if not args.no_methods:
         subset = cases[: args.methods_n]
         comp = {"instdiffedit": summarise([r for r in rows if r["id"] in {c.id for c in subset}])}
-        for method in REGISTRY:
+        for method in chosen:
             if method != "instdiffedit":
                 r = run_cases(pipe, subset, method=method, **options_for(method))
                 results[method] = {"summary": summarise(r), "rows": r}
