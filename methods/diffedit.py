@@ -9,7 +9,8 @@
     diffedit-mask      diffusers' one-step mask (StableDiffusionDiffEditPipeline.generate_mask: one guided
                        prediction per sample and prompt at the start step), then our inpainting finish.
     diffedit-original  Couairon et al. as diffusers' StableDiffusionDiffEditPipeline runs it: the one-step
-                       mask of diffedit-mask on VAE posterior samples, DDIM inversion of the source under
+                       mask of diffedit-mask on VAE posterior samples (from `strength`, diffusers'
+                       mask_encode_strength 0.5), DDIM inversion of the source under
                        the source text up to the encoding ratio (diffedit_encode_ratio, diffusers'
                        inpaint_strength 0.8), then DDIM decoding under the edit text that keeps the
                        inverted latents outside the mask at every step. No inpainting model.
@@ -35,7 +36,7 @@ from .base import Edited, Job, MaskOutput, Method, check_finite, guidance_cause,
 from .options import EditError, EditOptions, Option
 
 SAMPLES = Option("diffedit_samples", int, 10, "DiffEdit: noise samples averaged (the InstDiffEdit authors: 10)", 1, 1024)
-RATIO = Option("diffedit_ratio", float, 3.0, "diffedit-mask: clamp at ratio x mean difference, binarise at half "
+RATIO = Option("diffedit_ratio", float, 3.0, "diffedit-mask, diffedit-original: clamp at ratio x mean difference, binarise at half "
                "(diffusers' mask_thresholding_ratio)", 0, 1000, min_open=True)
 ENCODE_RATIO = Option("diffedit_encode_ratio", float, 0.8, "diffedit-original: DDIM-invert the last int(steps x "
                       "ratio) steps and decode them (Couairon et al.'s encoding ratio; diffusers' inpaint_strength)",
@@ -127,7 +128,7 @@ class DiffEditOriginal(Method):
 
     @torch.no_grad()
     def mask(self, pipe, job: Job) -> MaskOutput:
-        """generate_mask: strength (0.5) is its mask_encode_strength."""
+        """DiffEdit step 1, as generate_mask: `strength` (0.5) is its mask_encode_strength."""
         o = job.o
         z0 = self._latents(pipe, job.x0, job.gen, o.diffedit_samples)
         sampler = pipe.sampler(o)
@@ -137,8 +138,8 @@ class DiffEditOriginal(Method):
 
     @torch.no_grad()
     def invert(self, pipe, job: Job):
-        """diffusers' invert(): a VAE posterior sample, DDIM-inverted under the source text (guided) up to
-        the encoding ratio. Returns the sampler and the Inversion."""
+        """DiffEdit step 2 (encoding), as diffusers' invert(): a VAE posterior sample, DDIM-inverted under the
+        source text (guided) up to the encoding ratio. Returns the sampler and the Inversion."""
         o = job.o
         z0 = self._latents(pipe, job.x0, job.gen, 1)
         sampler = pipe.sampler(o)
@@ -156,7 +157,7 @@ class DiffEditOriginal(Method):
         m = self.mask(pipe, job) if job.mask is None else MaskOutput(job.mask, job.mask.float())
         sampler, inv = self.invert(pipe, job)
         keep = m.mask.to(inv.noise.device, inv.noise.dtype)[None, None]  # 1: the edit text decodes, 0: the source
-        x = inv.noise
+        x = inv.noise  # DiffEdit step 3: decoding with mask guidance
         for i in pipe.progress(range(inv.start, len(sampler.timesteps)), job.progress, "diffedit-original"):
             x = sampler.step(pipe.unet_cfg(pipe.unet, sampler, x, i, sampler.timesteps[i], job.emb, o.guidance), i, x)
             x = keep * x + (1 - keep) * inv.at(i)  # outside the mask: the inverted source (diffusers' level)
