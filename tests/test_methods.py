@@ -315,3 +315,12 @@ def test_dataset_runner_takes_method_options_and_records_unet_evals(tiny_sd, tmp
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["unet_evals"] == row["unet_evals"]
     assert evaluation.run.main(argv[:-2] + ["--threshold", "nan"]) == 2
     assert "error: threshold nan is not a finite number" in capsys.readouterr().err
+
+
+def test_toy_benchmark_methods_flag_refuses_an_unknown_method_before_loading(tmp_path, capsys):
+    import toy.benchmark
+    rc = toy.benchmark.main(["--table1", "--methods", "diffedit-original,nope", "--model", str(tmp_path / "absent"),
+                             "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == "error: method 'nope' is not one of " + ", ".join(REGISTRY) + "\n"
+    assert not (tmp_path / "out").exists()

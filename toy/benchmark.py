@@ -3,6 +3,7 @@
     python -m toy.benchmark                      # defaults, ablations, baselines (make eval-toy)
     python -m toy.benchmark --n 20 --no-ablation --no-methods
     python -m toy.benchmark --table1 --methods-n 16    # every registered method on the same cases (make table1)
+    python -m toy.benchmark --table1 --methods diffedit,diffedit-original --methods-n 12   # some of them
 
 Cases come from ``toy.world.benchmark_cases`` (fixed seeds, disjoint from training): main-object,
 secondary-object and background edits, the edit text the only prompt (paper Sec. 4). Metrics as in
