@@ -10,8 +10,8 @@
                        prediction per sample and prompt at the start step), then our inpainting finish.
     diffedit-original  Couairon et al. as diffusers' StableDiffusionDiffEditPipeline runs it: the one-step
                        mask of diffedit-mask on VAE posterior samples (from `strength`, diffusers'
-                       mask_encode_strength 0.5), DDIM inversion of the source under
-                       the source text up to the encoding ratio (diffedit_encode_ratio, diffusers'
+                       mask_encode_strength 0.5), DDIM inversion of the source under the source
+                       text up to the encoding ratio (diffedit_encode_ratio, diffusers'
                        inpaint_strength 0.8), then DDIM decoding under the edit text that keeps the
                        inverted latents outside the mask at every step. No inpainting model.
 
@@ -36,8 +36,8 @@ from .base import Edited, Job, MaskOutput, Method, check_finite, guidance_cause,
 from .options import EditError, EditOptions, Option
 
 SAMPLES = Option("diffedit_samples", int, 10, "DiffEdit: noise samples averaged (the InstDiffEdit authors: 10)", 1, 1024)
-RATIO = Option("diffedit_ratio", float, 3.0, "diffedit-mask, diffedit-original: clamp at ratio x mean difference, binarise at half "
-               "(diffusers' mask_thresholding_ratio)", 0, 1000, min_open=True)
+RATIO = Option("diffedit_ratio", float, 3.0, "diffedit-mask, diffedit-original: clamp at ratio x mean difference, "
+               "binarise at half (diffusers' mask_thresholding_ratio)", 0, 1000, min_open=True)
 ENCODE_RATIO = Option("diffedit_encode_ratio", float, 0.8, "diffedit-original: DDIM-invert the last int(steps x "
                       "ratio) steps and decode them (Couairon et al.'s encoding ratio; diffusers' inpaint_strength)",
                       0, 1, min_open=True)
