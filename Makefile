@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 # The CPU build that lies on this machine's disk; on a CUDA machine the same pin from PyPI is a CUDA build.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# the optional web page's Gradio (requirements-page.txt)
+PAGE   := $(VENV)/.installed-page
 
 .PHONY: test test-fast demo page page-setup bench eval-toy table1 toy-model clean
 
@@ -34,7 +36,6 @@ page: $(PAGE)
 
 # Gradio pins pillow<13 but runs with the core's pillow, which stays: gradio without its dependencies, then
 # the others it lists (none is torch or torchvision)
-PAGE := $(VENV)/.installed-page
 page-setup: $(PAGE)
 $(PAGE): $(STAMP) requirements-page.txt
 	$(BIN)/pip install -q --no-deps -r requirements-page.txt
