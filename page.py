@@ -162,8 +162,8 @@ def build(page: Page):
                 method = gr.Dropdown(list(REGISTRY), value="instdiffedit", label="method", elem_id="method")
                 with gr.Accordion("the methods", open=False):
                     gr.Markdown("\n".join(f"- **{n}**: {m.help}" for n, m in REGISTRY.items()))
-                source = gr.Textbox(label="source text (what the image shows; DiffEdit, CycleDiffusion)",
-                                    elem_id="source")
+                needs = ", ".join(n for n, m in REGISTRY.items() if m.needs_source)
+                source = gr.Textbox(label=f"source text: what the image shows (needed by {needs})", elem_id="source")
                 values = [control(gr, SHARED_BY_NAME[name], label) for name, label in CONTROLS]
                 go = gr.Button("edit", variant="primary", elem_id="run")
                 gr.Examples(page.examples(), [image, edit], label="toy scenes")
