@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from methods import EditError, EditOptions, Job, MaskOutput, add_arguments, get_method, options_from_args
+from model.runtime import Placement, run_steps
 from sampler import SchedulerConfig, cfg, make_sampler
 from weights import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, WeightsError, load
 
@@ -126,7 +127,19 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
 # ---------------------------------------------------------------- the pipeline
 
 class InstDiffEdit:
-    def __init__(self, sd, inpaint_unet=None, device="cpu", dtype=torch.float32):
+    """The models and what every method shares. Device-level options (all off by default):
+
+    compile        torch.compile each UNet (static shapes: compiled once per input shape, no recompile
+                   across steps)
+    cuda_graphs    run the stage-1 and inpainting loops as replays of one CUDA graph per loop
+                   (model/runtime.py; LMS sampler only). Off CUDA the same step function runs eagerly with
+                   the step index as a device tensor, which is what the tests exercise on the CPU
+    offload        keep only the model in use on the device, the others on the CPU (8 GB cards)
+    channels_last  UNets in the channels-last memory format; unmeasured on a GPU here, so off by default
+    """
+
+    def __init__(self, sd, inpaint_unet=None, device="cpu", dtype=torch.float32, *, compile: bool = False,
+                 cuda_graphs: bool = False, offload: bool = False, channels_last: bool = False):
         self.unet, self.vae, self.text_encoder, self.tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
         self.inpaint_unet = inpaint_unet
         self.scheduler_config = SchedulerConfig.from_dict(sd.scheduler_config) if sd.scheduler_config else SchedulerConfig()
@@ -135,39 +148,67 @@ class InstDiffEdit:
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.size = self.unet.config.sample_size * self.vae_factor  # the trained image size: 512 for SD v1.x
         self.unet_evals: dict[str, int] = {}  # UNet image-evaluations since the last edit()/mask() began
+        self.cuda_graphs = cuda_graphs
+        self.vae_fp32_decodes = 0  # decodes redone in fp32 because the half-precision one overflowed
+        if channels_last:
+            for m in (self.unet, self.inpaint_unet):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
+        if compile:  # dynamic=False: one graph per input shape, never a shape-generic recompile
+            self.unet = torch.compile(self.unet, dynamic=False)
+            if self.inpaint_unet is not None:
+                self.inpaint_unet = torch.compile(self.inpaint_unet, dynamic=False)
+        self.placement = Placement({"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet,
+                                    "inpaint_unet": self.inpaint_unet}, self.device, offload)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, inpaint_model: str | None = DEFAULT_INPAINT_MODEL,
-                        device: str | None = None, dtype: torch.dtype | None = None, compile: bool = False):
+                        device: str | None = None, dtype: torch.dtype | None = None, compile: bool = False,
+                        cuda_graphs: bool = False, offload: bool = False, channels_last: bool = False):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
-        sd = load(model, device=device, dtype=dtype)
-        inpaint = load(inpaint_model, components=("unet",), device=device, dtype=dtype).unet if inpaint_model else None
+        where = "cpu" if offload else device  # offloaded models load on the host and visit the device in turn
+        sd = load(model, device=where, dtype=dtype)
+        inpaint = load(inpaint_model, components=("unet",), device=where, dtype=dtype).unet if inpaint_model else None
         if inpaint is not None and inpaint.config.in_channels != 9:
             raise WeightsError(f"{inpaint_model}: the inpainting UNet must take 9 input channels, "
                                f"this one takes {inpaint.config.in_channels}")
-        pipe = cls(sd, inpaint, device, dtype)
-        if compile:
-            pipe.unet = torch.compile(pipe.unet)
-            if pipe.inpaint_unet is not None:
-                pipe.inpaint_unet = torch.compile(pipe.inpaint_unet)
-        return pipe
+        return cls(sd, inpaint, device, dtype, compile=compile, cuda_graphs=cuda_graphs, offload=offload,
+                   channels_last=channels_last)
 
     # -- text and latents
 
     @torch.no_grad()
     def encode_text(self, prompt: str) -> torch.Tensor:
+        self.placement.use(self.text_encoder)
         ids = self.tokenizer.encode([prompt, ""]).to(self.device)
         cond, uncond = self.text_encoder(ids).to(self.dtype).chunk(2)
         return torch.cat([uncond, cond])  # (2, 77, D): [unconditional, conditional]
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        self.placement.use(self.vae)
         return self.vae.encode(x).mean * self.scale  # the posterior mean: no extra sampling noise
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z / self.scale)
+        """Latents -> image. In half precision the decoder's activations can pass fp16's 65504 (SD's VAE
+        is known to); the result is checked once (one host sync per decode, after the loops) and only
+        then decoded again with the decoder upcast to fp32."""
+        self.placement.use(self.vae)
+        z = z / self.scale
+        x = self.vae.decode(z)
+        if x.dtype == torch.float32 or bool(torch.isfinite(x).all()):
+            return x
+        self.vae_fp32_decodes += 1
+        parts = (self.vae.post_quant_conv, self.vae.decoder)  # what decode() runs; the encoder stays as is
+        try:
+            for m in parts:
+                m.float()
+            return self.vae.decode(z.float())  # fp32: the image itself may lie outside fp16's range
+        finally:
+            for m in parts:
+                m.to(self.dtype)  # fp16 -> fp32 -> fp16 is exact: the weights are unchanged
 
     # -- what every method shares (methods/base.py lists it)
 
@@ -175,6 +216,7 @@ class InstDiffEdit:
         """THE UNet call of every method: counts the image-evaluations (batch rows) it runs."""
         key = "inpaint_unet" if unet is self.inpaint_unet else "unet"
         self.unet_evals[key] = self.unet_evals.get(key, 0) + inp.shape[0]
+        self.placement.use(unet)
         return unet(inp, t, ctx, recorder=recorder)
 
     def unet_cfg(self, unet, sampler, x, i, t, emb, guidance, extra=None, recorder=None):
@@ -183,7 +225,7 @@ class InstDiffEdit:
         inp = sampler.scale_model_input(torch.cat([x, x]), i)
         if extra is not None:  # inpainting: mask and masked-image latents as extra channels
             inp = torch.cat([inp, torch.cat([extra, extra])], dim=1)
-        ctx = emb.repeat_interleave(n, dim=0)  # [uncond x n, cond x n]
+        ctx = emb[:, None].expand(-1, n, -1, -1).flatten(0, 1)  # [uncond x n, cond x n]
         uncond, cond = self.call_unet(unet, inp, t, ctx, recorder).chunk(2)
         return cfg(uncond, cond, guidance)
 
@@ -207,6 +249,15 @@ class InstDiffEdit:
 
     def progress(self, it, enabled: bool, desc: str):
         return _progress(it, enabled, desc)
+
+    def run_steps(self, step, sampler, indices):
+        """Run a denoising loop's step function over `indices`, eagerly or as CUDA-graph replays
+        (model/runtime.py; self.cuda_graphs). Returns the last step's return value."""
+        if self.cuda_graphs and not hasattr(sampler, "index"):
+            raise EditError(f"cuda_graphs needs a sampler that takes device step indices (lms), not "
+                            f"{type(sampler).__name__}")
+        index_of = sampler.index if self.cuda_graphs else None
+        return run_steps(step, indices, index_of, self.cuda_graphs, self.unet_evals)
 
     def finish(self, job: Job, mask: torch.Tensor) -> torch.Tensor:
         """The inpainting finish every mask method shares: (3, S, S) edit of job.x0 inside `mask`."""
@@ -235,9 +286,12 @@ class InstDiffEdit:
         sampler = self.sampler(o)
         x = torch.randn(masked.shape, generator=gen).to(self.device, self.dtype) * sampler.init_noise_sigma
         extra = torch.cat([m, masked], dim=1)
-        for i in _progress(range(len(sampler.timesteps)), progress, "inpainting"):
-            t = sampler.timesteps[i]
-            x = sampler.step(self.unet_cfg(self.inpaint_unet, sampler, x, i, t, emb, o.guidance, extra), i, x)
+
+        def step(i):  # in place on x; i is an int, or a device tensor when replayed (run_steps)
+            pred = self.unet_cfg(self.inpaint_unet, sampler, x, i, sampler.timestep(i), emb, o.guidance, extra)
+            x.copy_(sampler.step(pred, i, x))
+
+        self.run_steps(step, sampler, _progress(range(len(sampler.timesteps)), progress, "inpainting"))
         return self.decode(x)
 
     # -- public API
@@ -361,7 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"inpainting UNet source (default: {DEFAULT_INPAINT_MODEL}; the toy one with --model toy)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNets")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNets (once per input shape)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the stage-1 and inpainting steps from CUDA graphs (CUDA, --sampler lms)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep only the model in use on the GPU, the others on the CPU (8 GB cards; slower)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="UNets in channels-last memory format (not measured to help here; off by default)")
     p.add_argument("--mask", default=None, help="use this mask (white = edit) instead of generating one")
     p.add_argument("--save-attention", action="store_true", help="also write the labelled per-word attention maps")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
@@ -429,10 +489,15 @@ def run(args) -> int:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise EditError(f"--device {device}: CUDA is not available here")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    if args.cuda_graphs and torch.device(device).type != "cuda":
+        raise EditError(f"--cuda-graphs needs a CUDA device (--device {device})")
+    if args.cuda_graphs and opts.sampler != "lms":
+        raise EditError(f"--cuda-graphs needs --sampler lms (its steps take device step indices), not {opts.sampler}")
 
     tic = time.perf_counter()
     needs_inpaint = opts.inpaint and method.uses_inpaint
-    pipe = InstDiffEdit.from_pretrained(model, inpaint_model if needs_inpaint else None, device, dtype, args.compile)
+    pipe = InstDiffEdit.from_pretrained(model, inpaint_model if needs_inpaint else None, device, dtype, args.compile,
+                                        args.cuda_graphs, args.offload, args.channels_last)
     load_s = time.perf_counter() - tic
     tokens = pipe.tokenizer._body(args.edit)[1]  # the uncut count (tokens() is already cut to 75)
     if tokens > 75:
@@ -456,7 +521,9 @@ def run(args) -> int:
             "inpaint_model": inpaint_model if needs_inpaint else None, "mask_file": args.mask,
             "options": opts.as_dict(), "unet_evals": res.unet_evals,
             "unet_evals_by_model": res.unet_evals_by_model, "device": str(pipe.device), "dtype": str(dtype).removeprefix("torch."),
-            "compile": args.compile, "words": res.words, "P": res.P,
+            "compile": args.compile, "cuda_graphs": args.cuda_graphs, "offload": args.offload,
+            "channels_last": args.channels_last, "vae_fp32_decodes": pipe.vae_fp32_decodes,
+            "words": res.words, "P": res.P,
             "timings_s": {"load": round(load_s, 3), **{k: round(v, 3) for k, v in res.timings.items()},
                           "total": round(time.perf_counter() - t_start, 3)},
             "versions": _versions(),

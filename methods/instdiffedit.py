@@ -27,22 +27,29 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
     h, w = z0.shape[-2:]
     if h % o.attention_res or w % o.attention_res:
         raise EditError(f"attention_res {o.attention_res} does not divide the {h}x{w} latent")
-    store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res)
+    store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res,
+                           tokens=emb.shape[1], device=x.device)  # buffers now: a compiled UNet sees them at step 1
     positions = [pos for _, pos in words]
-    P, res = None, None
-    for i in pipe.progress(range(start, len(sampler.timesteps)), progress, "mask + guided denoising"):
-        t = sampler.timesteps[i]
-        pred = pipe.unet_cfg(pipe.unet, sampler, x, i, t, emb, o.guidance, recorder=store)
+    P = None  # Eq. 8's positions: decided at the first step, reused after
+
+    def step(i):
+        """One mask-guided denoising step, in place on x; i is an int, or a device tensor when replayed
+        from a CUDA graph (pipe.run_steps), so nothing here reads a tensor's value on the host."""
+        nonlocal P
+        pred = pipe.unet_cfg(pipe.unet, sampler, x, i, sampler.timestep(i), emb, o.guidance, recorder=store)
         store.end_step()
-        x = sampler.step(pred, i, x)
+        x_next = sampler.step(pred, i, x)
         # Eq. 6-9 on the maps so far; P (Eq. 8) is fixed at the first step and reused
         res = instant_mask(store.maps(), positions, (h, w), P=P, gamma1=o.gamma1, gamma2=o.gamma2,
                            threshold=o.threshold)
         P = res.P
         # Eq. 5: outside the mask, the latents follow the source image noised to this step
         y = sampler.add_noise_at(z0, eps, i)
-        m = res.mask.to(x.dtype)
-        x = y + m * (x - y)
+        x.copy_(y + res.mask.to(x.dtype) * (x_next - y))
+        return res
+
+    res = pipe.run_steps(step, sampler, pipe.progress(range(start, len(sampler.timesteps)), progress,
+                                                     "mask + guided denoising"))
     names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
     return MaskOutput(res.mask, res.soft, res.P, names, res.word_maps, x)
 

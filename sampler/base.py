@@ -79,6 +79,11 @@ class Sampler:
         init = int(n * strength)
         return n - init
 
+    def timestep(self, i) -> torch.Tensor:
+        """The UNet's timestep of step i: ``timesteps[i]`` for an int, a (1,) lookup for a (1,) device tensor."""
+        self._require_timesteps()
+        return self.timesteps.index_select(0, i) if isinstance(i, torch.Tensor) else self.timesteps[i]
+
     def start_timestep(self, strength: float) -> torch.Tensor:
         """``timesteps[start_index(strength)]`` (the timestep at which the source is noised)."""
         i = self.start_index(strength)
