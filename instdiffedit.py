@@ -130,15 +130,16 @@ class InstDiffEdit:
     """The models and what every method shares. Device-level options (all off by default):
 
     compile        torch.compile each UNet (static shapes: compiled once per input shape, no recompile
-                   across steps)
+                   across steps); a string names the backend (tests use "eager")
     cuda_graphs    run the stage-1 and inpainting loops as replays of one CUDA graph per loop
                    (model/runtime.py; LMS sampler only). Off CUDA the same step function runs eagerly with
                    the step index as a device tensor, which is what the tests exercise on the CPU
-    offload        keep only the model in use on the device, the others on the CPU (8 GB cards)
+    offload        keep only the UNet in use on the device, the other on the CPU (8 GB cards); the text
+                   encoder and the VAE (about 0.4 GB in fp16) stay on the device
     channels_last  UNets in the channels-last memory format; unmeasured on a GPU here, so off by default
     """
 
-    def __init__(self, sd, inpaint_unet=None, device="cpu", dtype=torch.float32, *, compile: bool = False,
+    def __init__(self, sd, inpaint_unet=None, device="cpu", dtype=torch.float32, *, compile: bool | str = False,
                  cuda_graphs: bool = False, offload: bool = False, channels_last: bool = False):
         self.unet, self.vae, self.text_encoder, self.tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
         self.inpaint_unet = inpaint_unet
@@ -155,19 +156,22 @@ class InstDiffEdit:
                 if m is not None:
                     m.to(memory_format=torch.channels_last)
         if compile:  # dynamic=False: one graph per input shape, never a shape-generic recompile
-            self.unet = torch.compile(self.unet, dynamic=False)
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.unet = torch.compile(self.unet, dynamic=False, backend=backend)
             if self.inpaint_unet is not None:
-                self.inpaint_unet = torch.compile(self.inpaint_unet, dynamic=False)
-        self.placement = Placement({"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet,
-                                    "inpaint_unet": self.inpaint_unet}, self.device, offload)
+                self.inpaint_unet = torch.compile(self.inpaint_unet, dynamic=False, backend=backend)
+        if offload:
+            self.text_encoder.to(self.device)
+            self.vae.to(self.device)
+        self.placement = Placement({"unet": self.unet, "inpaint_unet": self.inpaint_unet}, self.device, offload)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, inpaint_model: str | None = DEFAULT_INPAINT_MODEL,
-                        device: str | None = None, dtype: torch.dtype | None = None, compile: bool = False,
+                        device: str | None = None, dtype: torch.dtype | None = None, compile: bool | str = False,
                         cuda_graphs: bool = False, offload: bool = False, channels_last: bool = False):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
-        where = "cpu" if offload else device  # offloaded models load on the host and visit the device in turn
+        where = "cpu" if offload else device  # offload: load on the host; each UNet visits the device in turn
         sd = load(model, device=where, dtype=dtype)
         inpaint = load(inpaint_model, components=("unet",), device=where, dtype=dtype).unet if inpaint_model else None
         if inpaint is not None and inpaint.config.in_channels != 9:
@@ -180,14 +184,12 @@ class InstDiffEdit:
 
     @torch.no_grad()
     def encode_text(self, prompt: str) -> torch.Tensor:
-        self.placement.use(self.text_encoder)
         ids = self.tokenizer.encode([prompt, ""]).to(self.device)
         cond, uncond = self.text_encoder(ids).to(self.dtype).chunk(2)
         return torch.cat([uncond, cond])  # (2, 77, D): [unconditional, conditional]
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        self.placement.use(self.vae)
         return self.vae.encode(x).mean * self.scale  # the posterior mean: no extra sampling noise
 
     @torch.no_grad()
@@ -195,7 +197,6 @@ class InstDiffEdit:
         """Latents -> image. In half precision the decoder's activations can pass fp16's 65504 (SD's VAE
         is known to); the result is checked once (one host sync per decode, after the loops) and only
         then decoded again with the decoder upcast to fp32."""
-        self.placement.use(self.vae)
         z = z / self.scale
         x = self.vae.decode(z)
         if x.dtype == torch.float32 or bool(torch.isfinite(x).all()):

@@ -14,11 +14,15 @@ mask look their per-step values up in device tables, never on the host. ``run_st
   into the buffer. Python code inside the step runs only once (at capture), so a step must not keep
   per-step state on the host; counters kept on the host (the pipeline's UNet-evaluation count) are
   advanced by what the captured step added, once per replay;
-* ``graph=True`` elsewhere (the CPU, in tests): the same step function with ``i`` as a device tensor in
-  the same static buffer, run eagerly: what a replay computes, without a graph.
+* ``graph=True`` elsewhere (the CPU, in tests): the same protocol with ``torch.fx``'s ``make_fx`` in
+  place of the CUDA graph. Tracing the second step runs its Python once and records its tensor
+  operations, in-place updates of the state included; every later step replays the recording. A step
+  that kept per-step state on the host (a Python counter used as a divisor, a list of past tensors)
+  gives different numbers here than eagerly, as it would under a CUDA graph.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Iterable
 
 import torch
@@ -32,39 +36,77 @@ def run_steps(step: Callable[[object], object], indices: Iterable[int], index_of
     index_of(i) gives step i's (1,) int64 device tensor (``sampler.index``); counters is a dict of host
     counts that the step's Python code advances (replays advance it by the captured step's increments).
     """
-    out, static_i, cuda_graph, added = None, None, None, {}
+    out, static_i, replay, added = None, None, None, {}
+    counters = counters if counters is not None else {}
     for k, i in enumerate(indices):
         if not graph or k == 0:
             out = step(i)
             continue
-        if static_i is None:
+        if replay is None:  # capture (or trace) this step once
             static_i = index_of(i).clone()  # the one buffer every replay reads its step index from
-            if static_i.device.type == "cuda":
-                before = dict(counters or {})
-                cuda_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(cuda_graph):
-                    out = step(static_i)  # recorded, not run: the replay below runs it
-                added = {key: n - before.get(key, 0) for key, n in (counters or {}).items()}
-                static_i.copy_(index_of(i))
-                cuda_graph.replay()
-                continue
+            before = dict(counters)
+            replay, out = (_capture_cuda if static_i.device.type == "cuda" else _trace)(step, static_i)
+            added = {key: n - before.get(key, 0) for key, n in counters.items()}
+            continue
         static_i.copy_(index_of(i))
-        if cuda_graph is None:
-            out = step(static_i)
-        else:
-            cuda_graph.replay()
-            for key, n in added.items():
-                counters[key] += n
+        out = replay(out)
+        for key, n in added.items():
+            counters[key] += n
     return out
+
+
+def _capture_cuda(step, static_i):
+    """Capture step(static_i) in a CUDA graph and run it once; replays rewrite the captured outputs."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step(static_i)  # recorded, not run
+    g.replay()
+
+    def replay(out):
+        g.replay()
+        return out  # the captured output tensors, overwritten in place by the replay
+    return replay, out
+
+
+def _trace(step, static_i):
+    """make_fx stand-in for a CUDA graph (CPU tests): tracing runs the step once, replays rerun its ops."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._pytree import tree_flatten
+
+    spec = {}
+
+    def flat_step(i):
+        out = step(i)
+        spec["out"] = out
+        leaves, spec["tree"] = tree_flatten(_as_tree(out))
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+    graph = make_fx(flat_step)(static_i)
+
+    def replay(out):
+        fresh = iter(graph(static_i))
+        leaves, _ = tree_flatten(_as_tree(out))
+        return _from_tree(out, [next(fresh) if isinstance(t, torch.Tensor) else t for t in leaves], spec["tree"])
+    return replay, spec["out"]
+
+
+def _as_tree(out):
+    return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else out
+
+
+def _from_tree(like, leaves, tree):
+    from torch.utils._pytree import tree_unflatten
+    value = tree_unflatten(leaves, tree)
+    return dataclasses.replace(like, **value) if dataclasses.is_dataclass(like) else value
 
 
 class Placement:
     """``offload``: only the model in use is on the accelerator, the others wait on the host.
 
-    ``use(model)`` moves `model` to ``device`` and every other registered model to ``host``. It is
-    called before each model runs (a dictionary look-up when it is already there), so stage 1 holds the
-    text encoder, then the VAE, then the UNet, and the finish the inpainting UNet: the peak is one UNet's
-    weights plus activations, for cards with 8 GB. Off, every model stays on ``device``.
+    ``use(model)`` moves `model` to ``device`` and every other registered model to ``host``. The pipeline
+    calls it before each UNet call (a dictionary look-up when the model is already there), so stage 1
+    holds the UNet and the finish the inpainting UNet: one UNet's weights at a time, for 8 GB cards.
+    Off, every model stays on ``device``.
     """
 
     def __init__(self, models: dict[str, nn.Module | None], device: torch.device, offload: bool,
