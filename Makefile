@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench eval-toy table1 toy-model clean
+.PHONY: test test-fast demo bench bench-gpu eval-toy table1 toy-model clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ DEMO_EDIT ?= a blue circle
 bench: $(STAMP)
 	$(BIN)/python bench/bench_models.py
 	$(BIN)/python bench/bench_mask.py
+
+# one call on a CUDA machine, budgeted to 6 min on an H100/H200-class GPU: random SD v1.4-size weights built on
+# the device (no downloads); writes runs/bench-gpu/gpu.json. `bench/gpu.py --tiny` is the CPU dry run CI makes.
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/gpu.py
 
 # edit-quality benchmark on held-out synthetic scenes (exact GT masks); writes runs/eval-toy/
 eval-toy: $(STAMP)

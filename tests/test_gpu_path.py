@@ -65,7 +65,7 @@ def test_graphed_loops_equal_the_eager_loops(tiny_sd, pipe, one_thread):
 def test_graphed_stage1_equals_a_loop_with_diffusers_lms(tiny_sd, one_thread):
     """Stage 1 replayed from one trace against the loop written out with diffusers' LMSDiscreteScheduler,
     Python-int steps and a fresh instant_mask call per step."""
-    from tests.test_sampler import authors_lms  # diffusers' LMSDiscreteScheduler (with a quadrature shim if no scipy)
+    from bench.common import diffusers_lms_scheduler  # diffusers' LMSDiscreteScheduler, as the authors set it
     graphed = _pipe(tiny_sd, cuda_graphs=True)
     got = graphed.mask(IMG, EDIT, **OPTS)
 
@@ -75,7 +75,7 @@ def test_graphed_stage1_equals_a_loop_with_diffusers_lms(tiny_sd, one_thread):
     z0 = graphed.encode_image(x0)
     gen = torch.Generator().manual_seed(o.seed)
     eps = torch.randn((o.rounds, *z0.shape[1:]), generator=gen)
-    sched = authors_lms()
+    sched = diffusers_lms_scheduler()
     sched.set_timesteps(o.steps)
     start = o.steps - int(o.steps * o.strength)
     z0 = z0.expand(o.rounds, -1, -1, -1)
