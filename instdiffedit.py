@@ -149,6 +149,9 @@ class InstDiffEdit:
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.size = self.unet.config.sample_size * self.vae_factor  # the trained image size: 512 for SD v1.x
         self.unet_evals: dict[str, int] = {}  # UNet image-evaluations since the last edit()/mask() began
+        if cuda_graphs and compile and self.device.type != "cuda":
+            raise ValueError("cuda_graphs with compile needs CUDA: off CUDA the replay is traced with make_fx, "
+                             "which cannot trace compiled UNets")
         self.cuda_graphs = cuda_graphs
         self.vae_fp32_decodes = 0  # decodes redone in fp32 because the half-precision one overflowed
         if channels_last:

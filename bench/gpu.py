@@ -17,7 +17,8 @@ Sections, in order (each prints its elapsed time; --budget-s skips what would no
                numpy) as model/InstDiffEdit.py does; then diffusers' fp16 StableDiffusionInpaintPipeline
   offload      ours with only the UNet in use on the device: its cost in seconds
   compiled     ours with torch.compile'd UNets (the first call compiles: not timed)
-  graphs       ours compiled + the loops replayed from CUDA graphs (captured once per loop per edit)
+  graphs       ours compiled + the loops replayed from CUDA graphs (captured once per loop per edit); with
+               --tiny on the CPU: the make_fx stand-in for the graphs (model/runtime.py), without compile
 
 Medians of --reps (>= 5) edits after one warm-up edit. Writes --out (JSON, with the GPU's name).
 Bars (issue 14): total <= 1.0 s per 512 edit with compile + graphs on an H100/H200-class GPU; >= 6x faster
@@ -230,7 +231,8 @@ class Authors:
         self.device, self.size, self.steps, self.strength, self.rounds = device, size, steps, strength, rounds
         f32 = models["fp32"]
         self.unet, self.vae, self.text_encoder = f32["unet"], f32["vae"], f32["text_encoder"]
-        self.tokenizer = CLIPTokenizer(str(TOY / "tokenizer" / "vocab.json"), str(TOY / "tokenizer" / "merges.txt"))
+        self.tokenizer = CLIPTokenizer(str(TOY / "tokenizer" / "vocab.json"), str(TOY / "tokenizer" / "merges.txt"),
+                                       model_max_length=77)
         self.scheduler = diffusers_lms_scheduler()
         f16 = models["fp16"]
         self.inpaint = StableDiffusionInpaintPipeline(
@@ -251,14 +253,14 @@ class Authors:
         ids = self.tokenizer([text], padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids.to(self.device)
         # theirs: through numpy fp16 on the host, then back to the device
-        e = torch.from_numpy(np.array(self.text_encoder(ids)[0].cpu()).astype(np.float16))
+        e = torch.from_numpy(self.text_encoder(ids)[0].cpu().numpy().astype(np.float16))
         return e.expand(self.rounds, -1, -1).to(self.device)
 
     @torch.no_grad()
     def stage1(self, img: Image.Image, text: str, seed: int = 0) -> Image.Image:
         from PIL import ImageChops
         import cv2
-        d, n, lat = self.device, self.rounds, self.size // 8
+        d, n, lat = self.device, self.rounds, self.unet.config.sample_size
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None].to(d)
         latent = self.vae.encode(x * 2 - 1).latent_dist.sample() * 0.18215
         self.store.__init__()
@@ -325,7 +327,7 @@ class Authors:
         t1, mask = timed(lambda: self.stage1(img, text, seed), self.device)
         g = torch.Generator(self.device).manual_seed(seed)
         t2, _ = timed(lambda: self.inpaint(prompt=text, image=img, mask_image=mask.resize((self.size, self.size)),
-                                           generator=g).images[0], self.device)
+                                           num_inference_steps=self.steps, generator=g).images[0], self.device)
         return {"stage1_s": t1, "finish_s": t2, "total_s": t1 + t2}
 
 
@@ -429,6 +431,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=330.0, help="skip sections that would not fit in this time")
     p.add_argument("--out", default="runs/bench-gpu/gpu.json", help="JSON results")
     p.add_argument("--only", default=None, help="comma-separated sections to run (default all)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compiled sections (the CPU tests use 'eager': same dynamo "
+                        "path, no minutes of C++ compilation)")
     args = p.parse_args(argv)
     if args.reps < 5:
         print("error: --reps must be at least 5 (medians of >= 5 timed edits)", file=sys.stderr)
@@ -437,13 +442,14 @@ def main(argv=None) -> int:
         print("error: bench/gpu.py needs CUDA (use --tiny on the CPU)", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.tiny else "cuda")
-    sections = ("unet_step", "mask_share", "ours_eager", "authors", "offload", "compiled", "graphs")
+    sections = ("unet_step", "mask_share", "ours_eager", "authors", "compiled", "graphs", "offload")
     only = set(args.only.split(",")) if args.only else set(sections)
     if only - set(sections):
         print(f"error: --only {args.only}: sections are {', '.join(sections)}", file=sys.stderr)
         return 2
     budget = Budget(args.budget_s)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "compile_backend": args.compile_backend,
               "mode": "tiny" if args.tiny else "sd-v1.4 sizes, random weights", "torch": torch.__version__,
               "reps": args.reps, "steps": args.steps, "sections": {}, "elapsed_s": {}}
     import diffusers
@@ -454,7 +460,10 @@ def main(argv=None) -> int:
         print(f"[{budget.elapsed():6.1f} s] {name}: {time.perf_counter() - tic:.1f} s", flush=True)
 
     tic = time.perf_counter()
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()  # not its advice on casting modules we cast on purpose
     models = build_models(device, args.tiny)
+    result["dtype"] = str(models["dtype"]).removeprefix("torch.")
     size = models["config"]["unet"]["sample_size"] * 2 ** (len(models["config"]["vae"]["block_out_channels"]) - 1)
     img = test_image(size)
     result["image"] = f"{size}x{size}"
@@ -465,9 +474,9 @@ def main(argv=None) -> int:
     for name in sections:
         if name not in only:
             continue
-        if name == "compiled" and not args.tiny and budget.left() < 150:
-            budget.skipped.append(f"compiled, graphs: {budget.left():.0f} s left, compiling two UNets takes minutes")
-            break
+        if name in ("compiled", "graphs") and not args.tiny and budget.left() < 150 and "comp" not in locals():
+            budget.skipped.append(f"{name}: {budget.left():.0f} s left, and compiling two UNets takes minutes")
+            continue
         if budget.left() <= 0:
             budget.skipped.append(f"{name}: budget spent")
             continue
@@ -481,24 +490,26 @@ def main(argv=None) -> int:
         elif name == "authors":
             a = Authors(models, device, size, args.steps)
             S[name] = edit_times(lambda: a.edit(img, EDIT), args.reps, budget, name, device)
-            a.unet.set_default_attn_processor()
+            from diffusers.models.attention_processor import AttnProcessor2_0
+            a.unet.set_attn_processor(AttnProcessor2_0())  # SDPA again, as the fp32 UNet was built
             del a
         elif name == "offload":
-            off = our_pipe(models, device, offload=True)
+            # its own copies of the UNets: moving them must not move the modules the other sections share
+            own = {**models, "ours": {**models["ours"], "unet": copy.deepcopy(models["ours"]["unet"]),
+                                      "inpaint_unet": copy.deepcopy(models["ours"]["inpaint_unet"])}}
+            off = our_pipe(own, device, offload=True)
             S[name] = edit_times(ours_run(off, img, args.steps, device), args.reps, budget, name, device)
-            off.placement.offload = False
-            for m in (off.unet, off.inpaint_unet):
-                m.to(device)  # back, for the sections after
-            del off
+            del off, own
         elif name == "compiled":
-            comp = our_pipe(models, device, compile=True)
+            comp = our_pipe(models, device, compile=args.compile_backend)
             S[name] = edit_times(ours_run(comp, img, args.steps, device), args.reps, budget, name, device)
         elif name == "graphs":
             if "compiled" not in only:
-                comp = our_pipe(models, device, compile=True)
+                comp = our_pipe(models, device, compile=args.compile_backend)
             graphed = our_pipe(models, device, cuda_graphs=True)
-            graphed.unet, graphed.inpaint_unet = comp.unet, comp.inpaint_unet  # the compiled UNets, reused
-            graphed.placement.models = {"unet": comp.unet, "inpaint_unet": comp.inpaint_unet}
+            if device.type == "cuda":  # the compiled UNets, reused (the CPU's make_fx stand-in cannot trace them)
+                graphed.unet, graphed.inpaint_unet = comp.unet, comp.inpaint_unet
+                graphed.placement.models = {"unet": comp.unet, "inpaint_unet": comp.inpaint_unet}
             S[name] = edit_times(ours_run(graphed, img, args.steps, device), args.reps, budget, name, device)
         log(name, tic)
         gc.collect()
@@ -515,8 +526,8 @@ def main(argv=None) -> int:
 
 def report(r: dict) -> str:
     S, f = r["sections"], lambda v, d=3: "-" if v is None else f"{v:.{d}f}"
-    rows = []
-    for name, label in (("ours_eager", "ours, eager fp16"), ("compiled", "ours, compiled"),
+    rows, dt = [], r["dtype"]
+    for name, label in (("ours_eager", f"ours, eager {dt}"), ("compiled", "ours, compiled"),
                         ("graphs", "ours, compiled + CUDA graphs"), ("offload", "ours, eager, --offload"),
                         ("authors", "authors' pipeline (diffusers)")):
         s = S.get(name)
