@@ -36,16 +36,33 @@ def run_steps(step: Callable[[object], object], indices: Iterable[int], index_of
     index_of(i) gives step i's (1,) int64 device tensor (``sampler.index``); counters is a dict of host
     counts that the step's Python code advances (replays advance it by the captured step's increments).
     """
-    out, static_i, replay, added = None, None, None, {}
     counters = counters if counters is not None else {}
-    for k, i in enumerate(indices):
-        if not graph or k == 0:
+    indices = iter(indices)
+    first = next(indices, None)
+    if first is None:
+        return None
+    if graph and index_of(first).device.type == "cuda":
+        # the whole loop on one side stream: the eager first step makes the lazy initialisations (cuBLAS
+        # workspace, ...) on the stream the capture then uses, as torch.cuda.graphs asks
+        side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            out = _loop(step, first, indices, index_of, counters, side)
+        main.wait_stream(side)
+        return out
+    return _loop(step, first, indices, index_of if graph else None, counters, None)
+
+
+def _loop(step, first, rest, index_of, counters, stream):
+    out, static_i, replay, added = step(first), None, None, {}
+    for i in rest:
+        if index_of is None:
             out = step(i)
             continue
         if replay is None:  # capture (or trace) this step once
             static_i = index_of(i).clone()  # the one buffer every replay reads its step index from
             before = dict(counters)
-            replay, out = (_capture_cuda if static_i.device.type == "cuda" else _trace)(step, static_i)
+            replay, out = _capture_cuda(step, static_i, stream) if stream is not None else _trace(step, static_i)
             added = {key: n - before.get(key, 0) for key, n in counters.items()}
             continue
         static_i.copy_(index_of(i))
@@ -55,10 +72,10 @@ def run_steps(step: Callable[[object], object], indices: Iterable[int], index_of
     return out
 
 
-def _capture_cuda(step, static_i):
+def _capture_cuda(step, static_i, stream):
     """Capture step(static_i) in a CUDA graph and run it once; replays rewrite the captured outputs."""
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=stream):
         out = step(static_i)  # recorded, not run
     g.replay()
 

@@ -80,9 +80,10 @@ class Sampler:
         return n - init
 
     def timestep(self, i) -> torch.Tensor:
-        """The UNet's timestep of step i: ``timesteps[i]`` for an int, a (1,) lookup for a (1,) device tensor."""
+        """The UNet's timestep of step i as a (1,) device tensor, for an int i or a (1,) device tensor i: the
+        same shape either way, so a compiled UNet sees the same input at an eager and a replayed step."""
         self._require_timesteps()
-        return self.timesteps.index_select(0, i) if isinstance(i, torch.Tensor) else self.timesteps[i]
+        return self.timesteps.index_select(0, i) if isinstance(i, torch.Tensor) else self.timesteps[i:i + 1]
 
     def start_timestep(self, strength: float) -> torch.Tensor:
         """``timesteps[start_index(strength)]`` (the timestep at which the source is noised)."""
