@@ -14,9 +14,8 @@ import argparse
 import json
 import os
 import platform
-import shutil
+import struct
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from methods import EditError, EditOptions, Job, MaskOutput, add_arguments, get_method, options_from_args
+import outset
+from methods import EditError, EditOptions, Job, MaskOutput, check_finite, guidance_cause, add_arguments, get_method, options_from_args
 from model.runtime import Placement, run_steps
 from sampler import SchedulerConfig, cfg, make_sampler
 from weights import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, WeightsError, load
@@ -34,6 +34,36 @@ from weights import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, WeightsError, load
 TOY_MODEL = str(Path(__file__).resolve().parent / "assets" / "toy-sd")
 TOY_INPAINT_MODEL = str(Path(__file__).resolve().parent / "assets" / "toy-sd-inpaint")
 MAX_PIXELS = 64_000_000  # larger inputs are refused as possible decompression bombs
+
+
+def check_device(device: str) -> torch.device:
+    """A device this build of torch can run on, or one EditError line saying why not."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EditError(f"--device '{device}' is not a torch device") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EditError(f"--device {device}: CUDA is not available here")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise EditError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices here")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_built():
+            raise EditError(f"--device {device}: this torch build has no MPS support")
+        if not torch.backends.mps.is_available():
+            raise EditError(f"--device {device}: MPS is not available on this machine")
+    elif d.type != "cpu":
+        raise EditError(f"--device {device}: only cpu, cuda and mps devices can run an edit")
+    return d
+
+
+def check_text(text: str, what: str) -> None:
+    """Text that can be tokenised and written to run.json: valid Unicode (no lone surrogates, which is how
+    Python hands over command-line bytes that are not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EditError(f"{what} is not valid UTF-8 text (undecodable byte at character {e.start})") from None
 
 
 # ---------------------------------------------------------------- options and results
@@ -54,28 +84,45 @@ class EditResult:
 
 # ---------------------------------------------------------------- images
 
+# What Pillow's decoders and plugins raise on malformed data, after open() as well as in it (EXIF parsing
+# in exif_transpose, lazy decoding in convert): SyntaxError "not a TIFF file" from a WebP's EXIF block,
+# struct.error from a short TIFF tag, ... Named, not `Exception`, so a bug of ours still shows itself.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, TypeError, EOFError, IndexError, KeyError,
+                 ZeroDivisionError, OverflowError, MemoryError, RecursionError, NotImplementedError,
+                 struct.error)
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open any image PIL reads as 8-bit RGB, EXIF orientation applied, alpha composited on white."""
-    from PIL import ImageOps
+    """Open any image PIL reads as 8-bit RGB, EXIF orientation applied, alpha composited on white.
+    Every decoding step runs inside one guard: only EditError leaves this function."""
     path = Path(path)
-    if not path.is_file():
-        raise EditError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise EditError(f"{path}: empty file")
+    try:
+        if not path.is_file():
+            raise EditError(f"{path}: no such file")
+        if path.stat().st_size == 0:
+            raise EditError(f"{path}: empty file")
+    except OSError as e:  # e.g. a symlink loop, a name too long
+        raise EditError(f"{path}: cannot be read ({_one_line(e)})") from None
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            img.load()
+            with Image.open(path) as img:
+                img.load()
+                return _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise EditError(f"{path}: image is over the {MAX_PIXELS:,}-pixel limit (possible decompression bomb)") from None
-    except Exception as e:
-        raise EditError(f"{path}: not a readable image ({' '.join(str(e).split())[:150]})") from None
+    except DECODE_ERRORS as e:
+        raise EditError(f"{path}: not a readable image ({type(e).__name__}: {_one_line(e)[:150]})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """A decoded image of any mode -> RGB: EXIF orientation, 16-bit/float rescaled, alpha on white."""
+    import numpy as np
+    from PIL import ImageOps
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: rescale, don't clip
-        import numpy as np
-        a = np.asarray(img, dtype=np.float64)
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         img = Image.fromarray((a.clip(0, top) / top * 255).round().astype(np.uint8), "L")
     if img.mode == "P":
@@ -84,6 +131,10 @@ def load_image(path: str | Path) -> Image.Image:
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, img.convert("RGBA"))
     return img.convert("RGB")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def to_tensor(img: Image.Image, size: int, device, dtype) -> torch.Tensor:
@@ -173,6 +224,7 @@ class InstDiffEdit:
                         device: str | None = None, dtype: torch.dtype | None = None, compile: bool | str = False,
                         cuda_graphs: bool = False, offload: bool = False, channels_last: bool = False):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(device)
         dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
         where = "cpu" if offload else device  # offload: load on the host; each UNet visits the device in turn
         sd = load(model, device=where, dtype=dtype)
@@ -182,6 +234,31 @@ class InstDiffEdit:
                                f"this one takes {inpaint.config.in_channels}")
         return cls(sd, inpaint, device, dtype, compile=compile, cuda_graphs=cuda_graphs, offload=offload,
                    channels_last=channels_last)
+
+    def cross_attention_grids(self, latent: int) -> list[int]:
+        """Query grids (side) where the UNet has cross-attention, for a square latent of side `latent`:
+        the levels of its CrossAttn down/up blocks and the mid block (lowest level), from its config."""
+        c = self.unet.config
+        sides = [latent]
+        for _ in c.down_block_types[1:]:
+            sides.append((sides[-1] + 1) // 2)  # stride-2 conv, padding 1
+        grids = {sides[i] for i, t in enumerate(c.down_block_types) if t.startswith("CrossAttn")}
+        grids |= {sides[-1 - j] for j, t in enumerate(c.up_block_types) if t.startswith("CrossAttn")}
+        return sorted(grids | {sides[-1]}, reverse=True)
+
+    def check_memory(self, batch: int) -> None:
+        """Refuse a run whose UNet batch cannot fit, before allocating. The estimate is a lower bound:
+        the first level's activations (a resnet holds about 8 tensors of batch x C0 x latent pixels)
+        plus the batch's latents, so only runs that surely cannot fit are refused."""
+        latent = self.size // self.vae_factor
+        c0 = self.unet.config.block_out_channels[0]
+        item = torch.finfo(self.dtype).bits // 8
+        need = batch * latent * latent * (8 * c0 + 4 * self.unet.config.in_channels) * item
+        free = _free_memory(self.device)
+        if free is not None and need > free:
+            raise EditError(f"this run needs at least {need / 2**30:,.1f} GiB for a UNet batch of {batch} "
+                            f"(--rounds or DiffEdit samples x 2 for guidance) on {self.device}, and "
+                            f"{free / 2**30:,.1f} GiB is free")
 
     # -- text and latents
 
@@ -199,20 +276,25 @@ class InstDiffEdit:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents -> image. In half precision the decoder's activations can pass fp16's 65504 (SD's VAE
         is known to); the result is checked once (one host sync per decode, after the loops) and only
-        then decoded again with the decoder upcast to fp32."""
+        when it is not finite decoded again with the decoder upcast to fp32. What is still not finite
+        stops the run with one line."""
         z = z / self.scale
         x = self.vae.decode(z)
-        if x.dtype == torch.float32 or bool(torch.isfinite(x).all()):
+        if bool(torch.isfinite(x).all()):
             return x
-        self.vae_fp32_decodes += 1
-        parts = (self.vae.post_quant_conv, self.vae.decoder)  # what decode() runs; the encoder stays as is
-        try:
-            for m in parts:
-                m.float()
-            return self.vae.decode(z.float())  # fp32: the image itself may lie outside fp16's range
-        finally:
-            for m in parts:
-                m.to(self.dtype)  # fp16 -> fp32 -> fp16 is exact: the weights are unchanged
+        cause = "its weights or scaling_factor, or fp16 overflow: try --dtype fp32"
+        if x.dtype != torch.float32:
+            self.vae_fp32_decodes += 1
+            cause = "its weights or scaling_factor (decoded again in fp32 after an fp16 overflow)"
+            parts = (self.vae.post_quant_conv, self.vae.decoder)  # what decode() runs; the encoder stays as is
+            try:
+                for m in parts:
+                    m.float()
+                x = self.vae.decode(z.float())  # fp32: the image itself may lie outside fp16's range
+            finally:
+                for m in parts:
+                    m.to(self.dtype)  # fp16 -> fp32 -> fp16 is exact: the weights are unchanged
+        return check_finite(x, "the VAE decoder", cause)
 
     # -- what every method shares (methods/base.py lists it)
 
@@ -296,6 +378,7 @@ class InstDiffEdit:
             x.copy_(sampler.step(pred, i, x))
 
         self.run_steps(step, sampler, _progress(range(len(sampler.timesteps)), progress, "inpainting"))
+        check_finite(x, "the inpainting finish", guidance_cause(o.guidance))
         return self.decode(x)
 
     # -- public API
@@ -313,6 +396,9 @@ class InstDiffEdit:
             raise EditError("the edit text is empty")
         if get_method(o.method).needs_source and not o.source.strip():
             raise EditError(f"method {o.method} needs the text of what the image shows (--source / source=)")
+        check_text(edit, "the edit text")
+        check_text(o.source, "the source text")
+        self.check_memory(get_method(o.method).unet_batch(o))
         img = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
         return img, to_tensor(img, self.size, self.device, self.dtype)
 
@@ -358,6 +444,19 @@ class InstDiffEdit:
         return EditResult(to_pil(out.image).resize(size, Image.BICUBIC), map_to_pil(m, size, binary=True),
                           map_to_pil(soft, size), P, st.words if st is not None else [], maps.float().cpu(),
                           timings, sum(self.unet_evals.values()), dict(self.unet_evals))
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (None where it cannot be asked)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None
 
 
 def _clock(device: torch.device) -> float:
@@ -437,15 +536,44 @@ def build_parser() -> argparse.ArgumentParser:
 OUTPUTS = ("edited.png", "mask.png", "soft_mask.png", "overlay.png", "attention.png", "run.json")
 
 
-def _check_out(out: Path, image: Path, overwrite: bool) -> None:
+def _resolved(p: Path) -> Path:
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11's resolve)
+        raise EditError(f"{p}: cannot be resolved (a symlink loop?)") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file by path, through a symlink, or as a hard link (same st_dev and st_ino)."""
+    if _resolved(a) == _resolved(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse, before any work: an --out that cannot be a folder, earlier results without --overwrite,
+    and any input that an output (or the removal of the previous output set) would write over."""
+    if os.path.islink(out) and not os.path.exists(out):
+        raise EditError(f"{out}: --out is a dangling symlink or a symlink loop")
     if out.exists() and not out.is_dir():
         raise EditError(f"{out}: exists and is not a folder")
+    names = [out / n for n in OUTPUTS]
+    for p in names:  # a dangling link of our own is litter of an interrupted run: outset removes it
+        ours = os.path.join(outset.STORE, outset.CURRENT, p.name)
+        if os.path.islink(p) and not os.path.exists(p) and os.readlink(p) != ours:
+            raise EditError(f"{p}: is a dangling symlink or a symlink loop; remove it or choose another --out")
     if out.is_dir() and not overwrite:
-        clash = [n for n in OUTPUTS if (out / n).exists()]
+        clash = [p for p in names if p.exists()]
         if clash:
-            raise EditError(f"{out / clash[0]}: exists (use --overwrite, or another --out)")
-    if any((out / n).resolve() == image.resolve() for n in OUTPUTS):
-        raise EditError(f"{image}: the input would be overwritten by an output; choose another --out")
+            raise EditError(f"{clash[0]}: exists (use --overwrite, or another --out)")
+    store = _resolved(out / outset.STORE)
+    for inp in inputs:
+        if any(os.path.lexists(p) and _same_file(p, inp) for p in names) or \
+                any(_resolved(p) == _resolved(inp) for p in names) or _resolved(inp).is_relative_to(store):
+            raise EditError(f"{inp}: the input would be overwritten by an output; choose another --out")
     parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise EditError(f"{parent}: is not a folder, so --out {out} cannot be created")
@@ -461,11 +589,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. writing the results failed (permissions, disk full): one line, no traceback
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError, and so is the
+        # CPU allocator's "can't allocate memory"; any other RuntimeError is not anticipated
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
+                and "allocate" not in str(e) and "out of memory" not in str(e):
+            return _internal(e)
+        print(f"error: out of memory ({_one_line(e)[:120]}); try fewer --rounds, --dtype fp16 on CUDA, "
+              "or a smaller model", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 -- the top level only: a bug is one line, with how to see it all
+        return _internal(e)
+
+
+TRACEBACK_ENV = "INSTDIFFEDIT_TRACEBACK"
+
+
+def _internal(e: BaseException) -> int:
+    """An exception no check anticipated is a bug of ours, not bad input: say so in one line (exit 3) and
+    tell how to get the traceback, which INSTDIFFEDIT_TRACEBACK=1 prints (tests and CI set it)."""
+    if os.environ.get(TRACEBACK_ENV):
+        raise e
+    print(f"error: internal error, please report it: {type(e).__name__}: {_one_line(e)[:200]} "
+          f"(rerun with {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+    return 3
 
 
 def run(args) -> int:
@@ -473,12 +624,14 @@ def run(args) -> int:
     image, out = Path(args.image), Path(args.out)
     if not args.edit.strip():
         raise EditError("--edit is empty")
+    check_text(args.edit, "--edit")
     given = options_from_args(args)
     opts = EditOptions(args.method, **given)
+    check_text(opts.source, "--source")
     method = get_method(args.method)
     if not opts.inpaint and args.mask:
         raise EditError("--no-inpaint decodes the stage-1 result, which --mask skips: use one of them")
-    _check_out(out, image, args.overwrite)
+    _check_out(out, [image] + ([Path(args.mask)] if args.mask else []), args.overwrite)
     img = load_image(image)
     user_mask = load_mask(args.mask, img.size) if args.mask else None
     model, inpaint_model = args.model, args.inpaint_model
@@ -486,12 +639,7 @@ def run(args) -> int:
         model, inpaint_model = TOY_MODEL, inpaint_model or TOY_INPAINT_MODEL
     inpaint_model = inpaint_model or DEFAULT_INPAINT_MODEL
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise EditError(f"--device '{device}' is not a torch device") from None
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise EditError(f"--device {device}: CUDA is not available here")
+    check_device(device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     if args.cuda_graphs and torch.device(device).type != "cuda":
         raise EditError(f"--cuda-graphs needs a CUDA device (--device {device})")
@@ -510,36 +658,25 @@ def run(args) -> int:
         warnings.filterwarnings("ignore", message="prompt has .* tokens")  # warned once just above
         res = pipe.edit(img, args.edit, mask=user_mask, progress=not args.quiet, method=args.method, **given)
 
-    # write everything to a temporary folder first, then move: nothing half-written on failure
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
-    try:
-        res.image.save(tmp / "edited.png")
-        res.mask.save(tmp / "mask.png")
-        res.soft_mask.save(tmp / "soft_mask.png")
-        overlay(img, res.mask).save(tmp / "overlay.png")
-        if args.save_attention and res.words:
-            attention_grid(res.words, res.word_maps, res.P).save(tmp / "attention.png")
-        record = {
-            "image": str(image), "edit": args.edit, "model": model,
-            "inpaint_model": inpaint_model if needs_inpaint else None, "mask_file": args.mask,
-            "options": opts.as_dict(), "unet_evals": res.unet_evals,
-            "unet_evals_by_model": res.unet_evals_by_model, "device": str(pipe.device), "dtype": str(dtype).removeprefix("torch."),
-            "compile": args.compile, "cuda_graphs": args.cuda_graphs, "offload": args.offload,
-            "channels_last": args.channels_last, "vae_fp32_decodes": pipe.vae_fp32_decodes,
-            "words": res.words, "P": res.P,
-            "timings_s": {"load": round(load_s, 3), **{k: round(v, 3) for k, v in res.timings.items()},
-                          "total": round(time.perf_counter() - t_start, 3)},
-            "versions": _versions(),
-        }
-        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-        made = sorted(tmp.iterdir())
-        for f in made:
-            os.replace(f, out / f.name)
-        for n in set(OUTPUTS) - {f.name for f in made}:  # --overwrite: no stale output of an earlier run
-            (out / n).unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    record = {
+        "image": str(image), "edit": args.edit, "model": model,
+        "inpaint_model": inpaint_model if needs_inpaint else None, "mask_file": args.mask,
+        "options": opts.as_dict(), "unet_evals": res.unet_evals, "unet_evals_by_model": res.unet_evals_by_model,
+        "device": str(pipe.device), "dtype": str(dtype).removeprefix("torch."),
+        "compile": args.compile, "cuda_graphs": args.cuda_graphs, "offload": args.offload,
+        "channels_last": args.channels_last, "vae_fp32_decodes": pipe.vae_fp32_decodes,
+        "words": res.words, "P": res.P,
+        "timings_s": {"load": round(load_s, 3), **{k: round(v, 3) for k, v in res.timings.items()},
+                      "total": round(time.perf_counter() - t_start, 3)},
+        "versions": _versions(),
+    }
+    files = {"edited.png": res.image.save, "mask.png": res.mask.save, "soft_mask.png": res.soft_mask.save,
+             "overlay.png": overlay(img, res.mask).save}
+    if args.save_attention and res.words:
+        files["attention.png"] = attention_grid(res.words, res.word_maps, res.P).save
+    files["run.json"] = (json.dumps(record, indent=2) + "\n").encode()
+    # all or nothing: the new set replaces the previous one in one atomic switch (outset.py)
+    outset.publish(out, files, legacy=OUTPUTS)
     if not args.quiet:
         print(f"wrote {out}/edited.png, mask.png, soft_mask.png, overlay.png"
               + (", attention.png" if args.save_attention and res.words else "") + ", run.json"

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .instant import gaussian_blur, minmax
+from .filters import gaussian_blur
+from .instant import minmax
 
 
 @dataclass

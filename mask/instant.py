@@ -4,17 +4,16 @@ Input: one cross-attention map per token (from ``mask.store.AttentionStore.maps(
 16x16) and the token positions of each word of the edit text. Output: the refined soft map and
 the binary mask at latent resolution.
 
-Pipeline (method notes, "Mask from attention"; paper Eq. 6-9):
+Pipeline (docs/method-notes.md, "Mask from attention"; paper Eq. 6-9):
 
 1. Word maps. Keep the maps of ``[SOT, words..., EOT]`` (padding after EOT is dropped). A word
-   split into several BPE tokens gets the mean of its tokens' raw maps (merged *before*
-   normalisation: the raw maps are probabilities on one softmax scale, so their mean is the
-   word's attention mass). Every map is upsampled to the latent size with bilinear
-   interpolation (``F.interpolate``, ``align_corners=False``: for upsampling this is the same
-   sampling as cv2 ``INTER_LINEAR`` and PIL ``BILINEAR``, which the authors used) and min-max
-   normalised. The SOT map is inverted (``1 - map``): SOT attends to the background, so the
-   inverted map highlights the object. The authors also divide each map by its max before
-   upsampling; bilinear upsampling is linear, so that scale cancels in the min-max and is skipped.
+   (a space-separated word of the edit text, see ``Tokenizer.words``) split into several BPE
+   tokens gets the mean of its tokens' raw maps. Every map is upsampled to the latent size with
+   Pillow's bicubic filter (``mask.filters.pil_resize``), which is what the authors' 8-bit
+   ``Image.resize`` does, after scaling to 255 / max and modelling the authors' uint8 cast by its
+   mean; the result is clipped to [0, 255] as their 8-bit image clips the filter's overshoot, then
+   min-max normalised. The SOT map is inverted first: SOT attends to the background, so the
+   inverted map highlights the object.
    Upsampling first (as the authors do) means Eq. 6-9, the blur and the mask all live at latent
    resolution, which is what the masked blending of Eq. 4-5 needs.
 2. Eq. 6: the index map is the word map most cosine-similar to the inverted SOT map
@@ -24,9 +23,17 @@ Pipeline (method notes, "Mask from attention"; paper Eq. 6-9):
    The paper writes strict inequalities, the authors' code uses inclusive ones (default);
    ``strict=True`` gives the paper's. P is computed at the first step only and passed back in at
    later steps.
-5. Eq. 9: ``refined = clamp(minmax(mean of P=+1 maps) - minmax(mean of P=-1 maps), 0)``, then a
-   5x5 Gaussian blur applied twice, min-max normalisation, and ``mask = soft > threshold``.
+5. Eq. 9: ``refined = clamp(minmax(mean of P=+1 maps) - minmax(mean of P=-1 maps), 0)``, then
+   OpenCV's 5x5 binomial blur applied twice, min-max normalisation, and ``mask = soft > threshold``.
    With a single word (maps SOT, word, EOT) the word map is the refined map (P = [0, 1, 0]).
+
+``exact_authors=True`` also reproduces the authors' 8-bit steps: each map truncated to uint8 after
+the 255 / max scaling, resized by Pillow's fixed-point 8-bit code, inverted as ``255 - x``, and
+truncated to uint8 again after the min-max. The defaults keep floats (no quantisation noise, any
+float dtype and device); docs/method-notes.md has how closely each agrees with the authors' code.
+
+Flat maps: where the authors divide 0 by 0 (a flat map in a min-max gives NaN, and a NaN refined map
+an empty mask), ``minmax`` returns zeros, so the result stays finite.
 
 Everything is vectorised over maps and free of host syncs (the index of Eq. 6 stays a tensor), so
 it can run on the GPU at every denoising step.
@@ -37,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from mask.filters import binomial_blur, gaussian_blur, pil_resize
 
 # A map whose value range is below this fraction of its magnitude is treated as flat: float
 # rounding (e.g. blurring a constant map) must not be stretched into a full [0, 1] pattern.
@@ -79,40 +88,6 @@ def minmax(x: torch.Tensor, dims: int = 2) -> torch.Tensor:
     return out.view_as(x)
 
 
-def default_sigma(kernel_size: int) -> float:
-    """Sigma used when none is given: OpenCV's ``getGaussianKernel`` formula for sigma <= 0, also
-    torchvision's ``gaussian_blur`` default; 1.1 for a 5x5 kernel."""
-    return 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
-
-
-def gaussian_kernel1d(kernel_size: int, sigma: float | None = None, *, device=None,
-                      dtype=torch.float32) -> torch.Tensor:
-    """Normalised 1-D Gaussian ``exp(-(i - (k-1)/2)^2 / (2 sigma^2))``, i = 0..k-1."""
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
-    if sigma is None or sigma <= 0:
-        sigma = default_sigma(kernel_size)
-    x = torch.arange(kernel_size, device=device, dtype=dtype) - (kernel_size - 1) / 2
-    k = torch.exp(-x * x / (2 * sigma * sigma))
-    return k / k.sum()
-
-
-def gaussian_blur(x: torch.Tensor, kernel_size: int = 5, sigma: float | None = None) -> torch.Tensor:
-    """Separable Gaussian blur over the last two dims of ``x`` (any leading dims).
-
-    Border: mirror without repeating the edge pixel (torch ``'reflect'``), which is OpenCV's
-    default ``BORDER_REFLECT_101`` and torchvision's padding, so a blob at the border is not
-    darkened the way zero padding would.
-    """
-    k = gaussian_kernel1d(kernel_size, sigma, device=x.device, dtype=x.dtype)
-    r = kernel_size // 2
-    shape = x.shape
-    y = x.reshape(-1, 1, shape[-2], shape[-1])
-    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))  # along width
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))  # along height
-    return y.reshape(shape)
-
-
 def _word_token_maps(token_maps: torch.Tensor, words: list[list[int]]) -> torch.Tensor:
     """(W + 2, h, w) raw maps of [SOT, words..., EOT]; multi-token words averaged."""
     eot = max(p for word in words for p in word) + 1
@@ -127,10 +102,36 @@ def _word_token_maps(token_maps: torch.Tensor, words: list[list[int]]) -> torch.
     return torch.stack(rows)
 
 
+
+UPSAMPLERS = ("bicubic", "bilinear")  # Pillow's filters; "bicubic" is what the authors' resize uses
+BLURS = ("binomial", "gaussian")      # "binomial" is the authors' cv2.GaussianBlur((5, 5), 0)
+
+
+def _normalised_maps(raw: torch.Tensor, size: tuple[int, int], upsample: str,
+                     exact_authors: bool) -> torch.Tensor:
+    """(n, H, W) word maps at latent size in [0, 1], row 0 the inverted SOT map (step 1)."""
+    top = raw.flatten(1).amax(1).view(-1, 1, 1)
+    if exact_authors:
+        # uint8(255 * map / max) (a flat zero map: 0 where the authors' 0 / 0 casts NaN to 0), Pillow's
+        # 8-bit resize, SOT inverted as 255 - x, min-max, uint8 again; then back to [0, 1] as ToTensor does
+        q = torch.where(top > 0, torch.trunc(255 * raw / torch.where(top > 0, top, 1)), 0)
+        up = pil_resize(q, size, "bicubic", uint8=True)
+        up[0] = 255 - up[0]
+        return torch.trunc(minmax(up / 255) * 255) / 255
+    # the authors' first uint8 cast, modelled by its mean: truncation lowers 255 * map / max by half a
+    # level on average and zeroes what lies below one level (the later casts are left out: modelling
+    # them too over-corrects Eq. 7, measured in docs/method-notes.md)
+    v = (255 * raw / torch.where(top > 0, top, 1) - 0.5).clamp_min(0)
+    up = pil_resize(v, size, upsample).clamp(0, 255)  # the 8-bit image clips the cubic's overshoot
+    up[0] = -up[0]  # inverted SOT; min-max makes it 1 - minmax(SOT), and keeps a flat SOT at 0
+    return minmax(up)
+
+
 def instant_mask(token_maps: torch.Tensor, words: list[list[int]], latent_size: tuple[int, int],
                  P: torch.Tensor | None = None, gamma1: float = 0.9, gamma2: float = 0.6,
-                 threshold: float = 0.2, blur_kernel: int = 5, blur_sigma: float | None = None,
-                 blur_times: int = 2, strict: bool = False) -> MaskResult:
+                 threshold: float = 0.2, upsample: str = "bicubic", blur: str = "binomial",
+                 blur_kernel: int = 5, blur_sigma: float | None = None, blur_times: int = 2,
+                 strict: bool = False, exact_authors: bool = False) -> MaskResult:
     """Instant attention mask of InstDiffEdit (Eq. 6-9) for one edit text.
 
     Args:
@@ -142,14 +143,24 @@ def instant_mask(token_maps: torch.Tensor, words: list[list[int]], latent_size: 
         P: position vector from an earlier call (``result.P``, length W + 2). When given, Eq. 6-8
             are skipped and P is reused (the paper computes P at the first step only).
         gamma1, gamma2: Eq. 8 thresholds. threshold: Eq. 9 binarisation threshold phi.
-        blur_kernel, blur_sigma, blur_times: Gaussian blur of the refined map (sigma ``None`` ->
-            ``default_sigma(blur_kernel)`` = 1.1 for 5).
+        upsample: "bicubic" (Pillow's, the authors') or "bilinear" (no overshoot, slightly softer).
+        blur: "binomial" (OpenCV's 5-tap [1, 4, 6, 4, 1] / 16, the authors') or "gaussian"
+            (``blur_kernel`` taps, ``blur_sigma``; None -> OpenCV's formula, 1.1 for 5).
+        blur_times: how often the blur is applied (the authors: twice).
         strict: use the paper's strict inequalities in Eq. 8 instead of the authors' inclusive ones.
+        exact_authors: also reproduce the authors' uint8 steps (needs the default upsample and blur).
     """
     if not words or any(not word for word in words):
         raise ValueError("words must be a non-empty list of non-empty position lists")
     if min(p for word in words for p in word) < 1:
         raise ValueError("word positions start at 1 (position 0 is the start token)")
+    if upsample not in UPSAMPLERS:
+        raise ValueError(f"upsample '{upsample}' is not one of {', '.join(UPSAMPLERS)}")
+    if blur not in BLURS:
+        raise ValueError(f"blur '{blur}' is not one of {', '.join(BLURS)}")
+    if exact_authors and (upsample, blur) != ("bicubic", "binomial"):
+        raise ValueError("exact_authors reproduces the authors' bicubic resize and binomial blur: "
+                         f"it cannot be combined with upsample='{upsample}', blur='{blur}'")
     eot = max(p for word in words for p in word) + 1
     if eot >= token_maps.shape[0]:
         raise ValueError(f"EOT position {eot} is outside the {token_maps.shape[0]} token maps")
@@ -159,23 +170,19 @@ def instant_mask(token_maps: torch.Tensor, words: list[list[int]], latent_size: 
 
     # 1. word maps at latent size, normalised; SOT inverted
     raw = _word_token_maps(token_maps.float(), words)                       # (n, h, w)
-    if tuple(raw.shape[-2:]) != (H, W):
-        raw = F.interpolate(raw[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-    maps = minmax(raw)
-    maps[0] = 1 - maps[0]  # SOT attends to the background; inverted it highlights the object
+    maps = _normalised_maps(raw, (H, W), upsample, exact_authors)
     flat = maps.flatten(1)                                                   # (n, H*W)
 
     index = similarity = None
     if P is None:
+        unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
         if n_words == 1:
-            # one word: its map is the refined map (authors' special case), no similarity needed
+            # one word: its map is the refined map (authors' special case), no Eq. 6-8 needed
             P = torch.zeros(n, dtype=torch.float32, device=maps.device)
             P[1] = 1
             index = torch.ones((), dtype=torch.long, device=maps.device)
-            unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
             similarity = unit @ unit[1]
         else:
-            unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
             # Eq. 6: index map = word most similar to the inverted SOT map; SOT and EOT not candidates
             index = (unit[1:n - 1] @ unit[0]).argmax() + 1                  # tensor, no host sync
             # Eq. 7: similarity of every map with the index map
@@ -201,10 +208,10 @@ def instant_mask(token_maps: torch.Tensor, words: list[list[int]], latent_size: 
     neg_mean = (w_neg @ flat) / w_neg.sum().clamp_min(1)
     refined = (minmax(pos_mean, 1) - minmax(neg_mean, 1)).clamp_min(0).view(1, H, W)
 
-    # Eq. 9: Gaussian filtering (applied blur_times, as the authors do), normalise, binarise
+    # Eq. 9: filtering (applied blur_times, as the authors do), normalise, binarise
     soft = refined
     for _ in range(blur_times):
-        soft = gaussian_blur(soft, blur_kernel, blur_sigma)
+        soft = binomial_blur(soft) if blur == "binomial" else gaussian_blur(soft, blur_kernel, blur_sigma)
     soft = minmax(soft)[0]
     return MaskResult(P=P, index=index, similarity=similarity, word_maps=maps, soft=soft,
                       mask=soft > threshold)

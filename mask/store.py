@@ -1,13 +1,15 @@
 """Cross-attention store for InstDiffEdit's instant masks.
 
-Implements the recorder protocol of ``model/attention.py``::
+One user of the UNet control protocol of ``model/attention.py`` (observe only)::
 
-    wants(name, hw) -> bool          # called by every cross-attention layer with its query grid
-    record(name, probs) -> None      # probs: (batch, heads, query pixels, tokens), fp32
+    wants(name, hw) -> bool          # asked by every attention layer and ResNet block with its grid
+    attention(name, probs) -> probs  # probs: (batch, heads, query pixels, tokens), fp32; returned as is
+
+``record(name, probs)`` is the same observation under the older recorder protocol's name.
 
 What is kept (method notes, "Attention capture"):
 
-* only cross-attention maps (the UNet hands the recorder to ``attn2`` layers only);
+* only cross-attention maps (``wants`` accepts ``attn2`` layers only);
 * only layers whose query grid is ``(H // factor, W // factor)`` of the latent ``(H, W)``; with
   the default factor 4 and a 64x64 latent that is the 16x16 grid: the two ``down_blocks.2`` and the
   three ``up_blocks.1`` layers (the mid block runs at 8x8 and is skipped);
@@ -27,7 +29,7 @@ compiled UNet sees the same buffers from the first step on (no recompile at the 
 
 Usage per denoising step::
 
-    eps = unet(latents, t, text, recorder=store)
+    eps = unet(latents, t, text, control=store)   # recorder=store works too
     store.end_step()                  # or store.step()
     maps = store.maps()               # (tokens, H // factor, W // factor)
 """
@@ -37,10 +39,12 @@ from typing import Callable
 
 import torch
 
+from model.attention import UNetControl
+
 MODES = ("running", "last")
 
 
-class AttentionStore:
+class AttentionStore(UNetControl):
     """Accumulates head/layer/round-averaged cross-attention maps at one query resolution.
 
     Args:
@@ -50,8 +54,8 @@ class AttentionStore:
             (only the conditional half is recorded). Without CFG the whole batch of n is used.
         mode: ``"running"`` (mean over all closed steps) or ``"last"`` (last closed step).
         factor: downsampling of the recorded query grid relative to the latent (4 -> 16x16).
-        layer_filter: optional extra predicate on the layer name. ``None`` accepts every layer
-            the UNet offers (it only offers cross-attention ``attn2`` layers).
+        layer_filter: optional extra predicate on the layer name. ``None`` accepts every
+            cross-attention (``attn2``) layer at the grid.
         tokens, device: text length and device, to allocate the buffers now rather than at the
             first record (both or neither).
     """
@@ -92,11 +96,15 @@ class AttentionStore:
         self._total = torch.zeros(tokens, q, dtype=torch.float32, device=device)
         self._steps_t = torch.zeros((), dtype=torch.float32, device=device)
 
-    # -- recorder protocol ---------------------------------------------------------------------
+    # -- control protocol ----------------------------------------------------------------------
     def wants(self, name: str, hw: tuple[int, int]) -> bool:
-        if tuple(hw) != self.grid:
+        if tuple(hw) != self.grid or not name.endswith("attn2"):
             return False
         return self.layer_filter is None or self.layer_filter(name)
+
+    def attention(self, name: str, probs: torch.Tensor) -> torch.Tensor:
+        self.record(name, probs)
+        return probs  # observe only
 
     def record(self, name: str, probs: torch.Tensor) -> None:
         b, _, q, _ = probs.shape

@@ -7,7 +7,7 @@ calls `method.edit(pipe, job)` (or `method.mask(pipe, job)` for pipe.mask()) wit
            shared machinery: pipe.encode_text(text), pipe.encode_image(x), pipe.decode(z),
            pipe.sampler(o) (a fresh sampler with its timesteps set), pipe.noised(x0, o, gen, n),
            pipe.unet_cfg(unet, sampler, x, i, t, emb, guidance) (the one counted UNet call),
-           pipe.finish(job, mask) (the inpainting finish), pipe.progress(iterable, job, label)
+           pipe.finish(job, mask) (the inpainting finish), pipe.progress(iterable, job.progress, label)
     job    one edit: the source x0, the edit text and its embedding, the validated options o, the seeded
            CPU generator gen (draw all noise from it), a user mask if one was given
 
@@ -54,6 +54,19 @@ class Edited:
     mask: MaskOutput | None   # the mask the edit used (None: the method edits the whole image)
 
 
+def check_finite(x: torch.Tensor, stage: str, cause: str) -> torch.Tensor:
+    """Never silent garbage: one reduction per stage (not per step); a NaN/inf becomes one error line."""
+    if not bool(torch.isfinite(x).all()):
+        raise EditError(f"{stage} produced NaN or inf values ({cause})")
+    return x
+
+
+def guidance_cause(guidance: float) -> str:
+    """The likely causes of non-finite latents after a guided denoising loop, for check_finite."""
+    return (f"guidance {guidance} too large in magnitude, broken weights, or fp16 overflow: "
+            "try a guidance near 7.5 or --dtype fp32")
+
+
 class Method:
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""                 # one line for --help and the README's table
@@ -69,6 +82,10 @@ class Method:
 
     def check(self, o: EditOptions) -> None:
         """Checks across this method's options; raise EditError."""
+
+    def unet_batch(self, o: EditOptions) -> int:
+        """The largest UNet batch the method runs (rows), for the memory estimate made before allocating."""
+        return 2  # one classifier-free-guidance pair
 
     def mask(self, pipe, job: Job) -> MaskOutput:
         raise EditError(f"method {self.name} makes no mask")

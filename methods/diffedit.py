@@ -22,8 +22,8 @@ import torch
 
 from mask.diffedit import diffedit_mask, diffedit_paper_mask
 
-from .base import Job, MaskOutput, Method, register
-from .options import Option
+from .base import Job, MaskOutput, Method, check_finite, guidance_cause, register
+from .options import EditOptions, Option
 
 SAMPLES = Option("diffedit_samples", int, 10, "DiffEdit: noise samples averaged (the InstDiffEdit authors: 10)", 1, 1024)
 RATIO = Option("diffedit_ratio", float, 3.0, "diffedit-mask: clamp at ratio x mean difference, binarise at half "
@@ -37,6 +37,9 @@ class DiffEditPaper(Method):
     help = "DiffEdit as the InstDiffEdit authors ran it for Table 1 (10 samples x 2 prompts x full denoising)"
     options = (SAMPLES,)
     defaults = {"threshold": 0.3}  # their script's --threshold
+
+    def unet_batch(self, o: EditOptions) -> int:
+        return 2 * o.diffedit_samples  # all noise samples in one CFG batch
 
     @torch.no_grad()
     def mask(self, pipe, job: Job) -> MaskOutput:
@@ -52,6 +55,7 @@ class DiffEditPaper(Method):
                 pred = pipe.unet_cfg(pipe.unet, sampler, x, i, sampler.timesteps[i], emb, o.guidance)
                 x = sampler.step(pred, i, x)
             last.append(pred)  # the guided noise prediction of the last step
+        check_finite(last[1] - last[0], "DiffEdit's noise difference", guidance_cause(o.guidance))
         res = diffedit_paper_mask(last[0], last[1], o.threshold)
         return MaskOutput(res.mask, res.soft)
 
@@ -63,6 +67,9 @@ class DiffEditMask(Method):
     help = "DiffEdit's one-step mask as diffusers' generate_mask computes it, then inpainting"
     options = (SAMPLES, RATIO)
 
+    def unet_batch(self, o: EditOptions) -> int:
+        return 2 * o.diffedit_samples  # all noise samples in one CFG batch
+
     @torch.no_grad()
     def mask(self, pipe, job: Job) -> MaskOutput:
         o = job.o
@@ -71,5 +78,6 @@ class DiffEditMask(Method):
         t = sampler.timesteps[start]
         pred_source = pipe.unet_cfg(pipe.unet, sampler, x, start, t, emb_source, o.guidance)
         pred_edit = pipe.unet_cfg(pipe.unet, sampler, x, start, t, job.emb, o.guidance)
+        check_finite(pred_edit - pred_source, "DiffEdit's noise difference", guidance_cause(o.guidance))
         res = diffedit_mask(pred_source, pred_edit, o.diffedit_ratio)
         return MaskOutput(res.mask, res.soft)

@@ -4,7 +4,8 @@ Stage 1 runs SD from the noised source (strength r) with the edit text as the on
 at once. At every step the cross-attention maps give an instant mask (Eq. 6-9, mask/instant.py) that
 guides the denoising (Eq. 4-5). The inpainting finish (pipe.finish) then generates the edit.
 Options used: strength, threshold, rounds, steps, guidance, sampler, seed, attention, attention_res,
-gamma1, gamma2, inpaint (False: decode round 0's Eq. 5 result instead of inpainting).
+gamma1, gamma2, inpaint (False: decode round 0's Eq. 5 result instead of inpainting); its own:
+exact_authors.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 from mask.instant import instant_mask
 from mask.store import AttentionStore
 
-from .base import Edited, Job, MaskOutput, Method, register
-from .options import EditError, EditOptions
+from .base import Edited, Job, MaskOutput, Method, check_finite, guidance_cause, register
+from .options import EditError, EditOptions, Option
 
 
 @torch.no_grad()
@@ -25,8 +26,10 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
     emb = pipe.encode_text(edit) if emb is None else emb
     sampler, start, z0, eps, x = pipe.noised(x0, o, gen, o.rounds)
     h, w = z0.shape[-2:]
-    if h % o.attention_res or w % o.attention_res:
-        raise EditError(f"attention_res {o.attention_res} does not divide the {h}x{w} latent")
+    grids = pipe.cross_attention_grids(h)
+    if o.attention_res not in grids:
+        raise EditError(f"attention_res {o.attention_res}: this UNet has cross-attention only at the "
+                        f"{', '.join(f'{g}x{g}' for g in grids)} grids of its {h}x{w} latent")
     store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res,
                            tokens=emb.shape[1], device=x.device)  # buffers now: a compiled UNet sees them at step 1
     positions = [pos for _, pos in words]
@@ -41,7 +44,7 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
         x_next = sampler.step(pred, i, x)
         # Eq. 6-9 on the maps so far; P (Eq. 8) is fixed at the first step and reused
         res = instant_mask(store.maps(), positions, (h, w), P=P, gamma1=o.gamma1, gamma2=o.gamma2,
-                           threshold=o.threshold)
+                           threshold=o.threshold, exact_authors=o.exact_authors)
         P = res.P
         # Eq. 5: outside the mask, the latents follow the source image noised to this step
         y = sampler.add_noise_at(z0, eps, i)
@@ -50,6 +53,7 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
 
     res = pipe.run_steps(step, sampler, pipe.progress(range(start, len(sampler.timesteps)), progress,
                                                      "mask + guided denoising"))
+    check_finite(x, "stage 1 (mask-guided denoising)", guidance_cause(o.guidance))
     names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
     return MaskOutput(res.mask, res.soft, res.P, names, res.word_maps, x)
 
@@ -58,6 +62,11 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
 class InstDiffEdit(Method):
     name = "instdiffedit"
     help = "the instant attention mask + inpainting (the paper's method)"
+    options = (Option("exact_authors", bool, False, "also reproduce the authors' uint8 rounding in the mask "
+                      "(bit for bit)"),)
+
+    def unet_batch(self, o: EditOptions) -> int:
+        return 2 * o.rounds
 
     def mask(self, pipe, job: Job) -> MaskOutput:
         return stage1(pipe, job.x0, job.text, job.o, job.gen, job.progress, job.emb)

@@ -3,8 +3,9 @@
 Tokenisation itself is transformers' ``CLIPTokenizer`` (a byte-level BPE with a ``</w>`` end-of-word
 suffix, after OpenAI CLIP's ``simple_tokenizer.py``); this file only frames the ids the way Stable
 Diffusion feeds them (start token, at most 75 prompt tokens, end token, padding to 77) and maps each
-prompt word to the sequence positions of its BPE pieces, which InstDiffEdit's mask code needs to merge
-the cross-attention maps of a word that CLIP split into several tokens.
+prompt word (a space-separated word, as the InstDiffEdit authors count words) to the sequence positions of
+its BPE pieces, which InstDiffEdit's mask code needs to merge the cross-attention maps of a word that
+CLIP split into several tokens.
 
 ``write_clip_vocab`` rebuilds ``vocab.json`` + ``merges.txt`` from OpenAI's
 ``bpe_simple_vocab_16e6.txt.gz`` (shipped in the ``open-clip-torch`` wheel) exactly as
@@ -74,7 +75,8 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, path: str | Path, max_length: int = 77) -> "Tokenizer":
-        """Load a ``tokenizer/`` folder (``vocab.json`` + ``merges.txt``, as in SD v1 repos)."""
+        """Load a ``tokenizer/`` folder: ``vocab.json`` + ``merges.txt`` (SD v1 repos) or ``tokenizer.json``
+        (what current transformers and diffusers save), either with ``tokenizer_config.json``."""
         from transformers import CLIPTokenizer
         return cls(CLIPTokenizer.from_pretrained(str(path)), max_length=max_length)
 
@@ -105,12 +107,30 @@ class Tokenizer:
         """BPE token strings of the (truncated) prompt; ``tokens(p)[i]`` sits at sequence position i + 1."""
         return self.tok.convert_ids_to_tokens(self._body(prompt)[0])
 
-    def words(self, prompt: str) -> list[tuple[str, list[int]]]:
+    def words(self, prompt: str, split: str = "space") -> list[tuple[str, list[int]]]:
         """The prompt's words, each with the sequence positions (0 = start token) of its BPE pieces.
 
-        A word ends at the first piece carrying ``</w>``; punctuation comes out as its own word, as CLIP
-        splits it off. A word cut by truncation keeps only the positions that fit.
+        ``split="space"`` (default, the authors' ``edit.split(" ")``): a word is a space-separated
+        word of the text, so ``t-shirt``, ``Shih-Tzu`` and ``dog,`` are one word each, whatever
+        CLIP's pre-tokeniser cuts them into. ``split="bpe"``: CLIP's own words, where a word ends at
+        the first piece carrying ``</w>`` and punctuation is a word of its own. Either way a word cut
+        by truncation keeps the positions that fit, and words past the cut are dropped.
         """
+        if split not in ("space", "bpe"):
+            raise ValueError(f"split '{split}' is not one of space, bpe")
+        if split == "space":
+            kept = len(self._body(prompt)[0])
+            counts = [len(self.tok(w, add_special_tokens=False)["input_ids"]) for w in prompt.split()]
+            # CLIP's pre-tokeniser never joins across whitespace, so the counts add up; if text
+            # cleaning ever changed that, the BPE words below are the safe answer
+            if sum(counts) == self._body(prompt)[1]:
+                out, start = [], 1
+                for word, count in zip(prompt.split(), counts):
+                    positions = [p for p in range(start, start + count) if p <= kept]
+                    if positions:
+                        out.append((word, positions))
+                    start += count
+                return out
         out: list[tuple[str, list[int]]] = []
         pieces: list[str] = []
         positions: list[int] = []

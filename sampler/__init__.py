@@ -15,11 +15,12 @@ import torch
 
 from .base import Sampler
 from .ddim import DDIMSampler
+from .dpmsolver import DPMSolverSDESampler
 from .guidance import cfg, cfg_batched
 from .lms import LMSSampler, lms_coefficient
 from .schedule import NoiseSchedule, SchedulerConfig, add_noise, get_velocity, make_betas
 
-SAMPLERS = {"lms": LMSSampler, "lmsdiscrete": LMSSampler, "ddim": DDIMSampler}
+SAMPLERS = {"lms": LMSSampler, "lmsdiscrete": LMSSampler, "ddim": DDIMSampler, "dpmsolversde": DPMSolverSDESampler}
 
 
 def make_sampler(
@@ -28,11 +29,11 @@ def make_sampler(
     device: torch.device | str | None = None,
     **kwargs,
 ) -> Sampler:
-    """``"lms"`` (the authors' sampler) or ``"ddim"``; extra kwargs go to the class
-    (LMS: ``order``, ``restart_order``; DDIM: ``eta``)."""
+    """``"lms"`` (the authors' sampler), ``"ddim"`` or ``"dpmsolver-sde"`` (SDE-DPM-Solver++(2M), LEDITS++'s);
+    extra kwargs go to the class (LMS: ``order``, ``restart_order``; DDIM: ``eta``)."""
     key = name.lower().replace("_", "").replace("-", "").removesuffix("sampler").removesuffix("scheduler")
     if key not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; use 'lms' or 'ddim'")
+        raise ValueError(f"unknown sampler {name!r}; use 'lms', 'ddim' or 'dpmsolver-sde'")
     return SAMPLERS[key](config, device, **kwargs)
 
 
@@ -40,6 +41,7 @@ __all__ = [
     "Sampler",
     "LMSSampler",
     "DDIMSampler",
+    "DPMSolverSDESampler",
     "SchedulerConfig",
     "NoiseSchedule",
     "make_sampler",

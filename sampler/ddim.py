@@ -5,6 +5,9 @@ x0_pred = (x - sqrt(1 - abar_t) eps_pred) / sqrt(abar_t), s = eta * sqrt(var(t, 
 As in diffusers the "previous" timestep is t - T // N whatever the spacing, and abar_prev is
 ``alphas_cumprod[0]`` (or 1 with ``set_alpha_to_one``) once that drops below 0.
 The sample lives in the Eq. 1 space (init_noise_sigma = 1, scale_model_input = identity).
+For eta > 0 the sampler also draws from the forward posterior q(x_prev | x_t, x0)
+(``posterior_sample``) and inverts a step for its noise (``noise_of_step``): CycleDiffusion's
+encoder (methods/cyclediffusion.py).
 """
 from __future__ import annotations
 
@@ -52,6 +55,49 @@ class DDIMSampler(Sampler):
     def scale_model_input(self, sample: torch.Tensor, i: int) -> torch.Tensor:
         return sample
 
+    def noise_std(self, i: int, eta: float | None = None) -> torch.Tensor:
+        """Factor of the fresh noise z in step i: eta * sqrt(var(t, prev)), DDIM's sigma_t (Eq. 16)."""
+        return self._std(*self._abar(i, torch.float32), self.eta if eta is None else float(eta))
+
+    def _abar(self, i: int, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(abar_t, abar_prev) of step index i, in the compute dtype."""
+        N = self._require_timesteps()
+        if not 0 <= i < N:
+            raise IndexError(f"step index {i} out of range for {N} steps")
+        return self._alpha_t[i].to(cdt), self._alpha_prev[i].to(cdt)
+
+    @staticmethod
+    def _std(alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor, eta: float) -> torch.Tensor:
+        """s = eta * sqrt(var(t, prev)), the DDIM noise scale (Song et al. 2020, Eq. 16)."""
+        variance = ((1 - alpha_prod_t_prev) / (1 - alpha_prod_t)) * (1 - alpha_prod_t / alpha_prod_t_prev)
+        return eta * variance ** (0.5)
+
+    @staticmethod
+    def _mean(x0, eps, alpha_prod_t_prev, std_dev_t) -> torch.Tensor:
+        """sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps: x_prev before the noise s z is added."""
+        direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * eps
+        return alpha_prod_t_prev ** (0.5) * x0 + direction
+
+    def _predict(self, model_output: torch.Tensor, x: torch.Tensor, alpha_prod_t: torch.Tensor):
+        """(x0, eps) from the model output at x, for the configured prediction type (x0 clipped if set)."""
+        beta_prod_t = 1 - alpha_prod_t
+        pt = self.config.prediction_type
+        if pt == "epsilon":
+            x0 = (x - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
+            eps = model_output
+        elif pt == "sample":
+            x0 = model_output
+            eps = (x - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
+        elif pt == "v_prediction":
+            x0 = (alpha_prod_t**0.5) * x - (beta_prod_t**0.5) * model_output
+            eps = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * x
+        else:  # pragma: no cover - rejected by SchedulerConfig
+            raise ValueError(f"prediction_type={pt!r}")
+        if self.config.clip_sample:
+            r = self.config.clip_sample_range
+            x0 = x0.clamp(-r, r)
+        return x0, eps
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -66,40 +112,15 @@ class DDIMSampler(Sampler):
         ``eta`` (default: the sampler's, 0) > 0 adds ``eta * sqrt(var) * z`` with z =
         ``variance_noise`` or drawn from ``generator``. Same operation order as diffusers.
         """
-        N = self._require_timesteps()
-        if not 0 <= i < N:
-            raise IndexError(f"step index {i} out of range for {N} steps")
         eta = self.eta if eta is None else float(eta)
         cdt = self._cdt(sample)
         x = sample.to(cdt)
         out = model_output.to(cdt)
-        alpha_prod_t = self._alpha_t[i].to(cdt)
-        alpha_prod_t_prev = self._alpha_prev[i].to(cdt)
-        beta_prod_t = 1 - alpha_prod_t
-
-        pt = self.config.prediction_type
-        if pt == "epsilon":
-            x0 = (x - beta_prod_t ** (0.5) * out) / alpha_prod_t ** (0.5)
-            eps = out
-        elif pt == "sample":
-            x0 = out
-            eps = (x - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
-        elif pt == "v_prediction":
-            x0 = (alpha_prod_t**0.5) * x - (beta_prod_t**0.5) * out
-            eps = (alpha_prod_t**0.5) * out + (beta_prod_t**0.5) * x
-        else:  # pragma: no cover - rejected by SchedulerConfig
-            raise ValueError(f"prediction_type={pt!r}")
-
-        if self.config.clip_sample:
-            r = self.config.clip_sample_range
-            x0 = x0.clamp(-r, r)
+        alpha_prod_t, alpha_prod_t_prev = self._abar(i, cdt)
+        x0, eps = self._predict(out, x, alpha_prod_t)
         self.pred_original_sample = x0.to(sample.dtype)
-
-        beta_prod_t_prev = 1 - alpha_prod_t_prev
-        variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
-        std_dev_t = eta * variance ** (0.5)
-        direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * eps
-        prev = alpha_prod_t_prev ** (0.5) * x0 + direction
+        std_dev_t = self._std(alpha_prod_t, alpha_prod_t_prev, eta)
+        prev = self._mean(x0, eps, alpha_prod_t_prev, std_dev_t)
         if eta > 0:
             if variance_noise is not None and generator is not None:
                 raise ValueError("pass either variance_noise or generator, not both")
@@ -109,6 +130,64 @@ class DDIMSampler(Sampler):
                 )
             prev = prev + std_dev_t * variance_noise.to(cdt)
         return prev.to(sample.dtype)
+
+    def inverse_step(self, model_output: torch.Tensor, i: int, sample: torch.Tensor) -> torch.Tensor:
+        """One deterministic DDIM *inversion* step: the reverse of ``step(., i, .)``.
+
+        ``sample`` sits at the level of ``timesteps[i] - T // N`` (the clean latent for the last
+        index); the model output is taken at ``timesteps[i]`` and the result sits at that level:
+        x_t = sqrt(abar_t) x0_pred + sqrt(1 - abar_t) eps_pred, with (x0, eps) predicted at the
+        lower level. This is diffusers' DDIMInverseScheduler, and the inversion loop of
+        prompt-to-prompt's null-text notebook and of pnp-diffusers' preprocess.py: the UNet sees the
+        lower-level sample with the higher timestep (the approximation DDIM inversion makes).
+        """
+        cdt = self._cdt(sample)
+        alpha_to, alpha_from = self._abar(i, cdt)
+        x0, eps = self._predict(model_output.to(cdt), sample.to(cdt), alpha_from)
+        return (alpha_to ** (0.5) * x0 + (1 - alpha_to) ** (0.5) * eps).to(sample.dtype)
+
+    def posterior_sample(
+        self, sample: torch.Tensor, x0: torch.Tensor, i: int, eta: float, noise: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Draw x_prev ~ q(x_prev | x_t = sample, x0) of the eta-DDIM process (Song et al. 2020, Eq. 7).
+
+        It is ``step`` with the noise implied by the true x0 in place of the model's prediction:
+        sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) + s z.
+        The last step (i = N - 1) returns x0 itself and needs no ``noise``, as CycleDiffusion's
+        official encoder does. (diffusers' CycleDiffusionPipeline returns x0 once the previous
+        timestep is <= 0: the same step for SD's "leading" spacing with steps_offset 1.)
+        """
+        if i == self._require_timesteps() - 1:
+            return x0
+        if eta <= 0:
+            raise ValueError(f"eta={eta!r}: the posterior is a point mass for eta = 0; use eta > 0")
+        if noise is None:
+            raise ValueError(f"step {i} of the posterior needs its noise z")
+        cdt = self._cdt(sample)
+        x, x0c = sample.to(cdt), x0.to(cdt)
+        alpha_prod_t, alpha_prod_t_prev = self._abar(i, cdt)
+        eps = (x - alpha_prod_t ** (0.5) * x0c) / (1 - alpha_prod_t) ** (0.5)
+        std_dev_t = self._std(alpha_prod_t, alpha_prod_t_prev, eta)
+        prev = self._mean(x0c, eps, alpha_prod_t_prev, std_dev_t) + std_dev_t * noise.to(cdt)
+        return prev.to(sample.dtype)
+
+    def noise_of_step(
+        self, model_output: torch.Tensor, i: int, sample: torch.Tensor, prev_sample: torch.Tensor, eta: float
+    ) -> torch.Tensor:
+        """The z with ``step(model_output, i, sample, eta, variance_noise=z) == prev_sample``.
+
+        (prev_sample - mean) / s: the eta-DDIM step inverted for its noise; CycleDiffusion's latent
+        code (Wu and De la Torre 2022) is these z, one per step.
+        """
+        if eta <= 0:
+            raise ValueError(f"eta={eta!r}: a step with eta = 0 has no noise to recover")
+        cdt = self._cdt(sample)
+        x = sample.to(cdt)
+        alpha_prod_t, alpha_prod_t_prev = self._abar(i, cdt)
+        x0, eps = self._predict(model_output.to(cdt), x, alpha_prod_t)
+        std_dev_t = self._std(alpha_prod_t, alpha_prod_t_prev, eta)
+        z = (prev_sample.to(cdt) - self._mean(x0, eps, alpha_prod_t_prev, std_dev_t)) / std_dev_t
+        return z.to(sample.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """Eq. 1 at integer timestep(s) t (scalar or one per sample), as diffusers."""

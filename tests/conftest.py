@@ -4,11 +4,14 @@ real CLIP vocabulary) built once per session from tests/tiny_sd.py, and a loaded
 The tiny models: 16x16 images, 8x8 latents, cross-attention at 8x8 (so `attention_res=8`)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+os.environ.setdefault("INSTDIFFEDIT_TRACEBACK", "1")  # a bug in the CLI shows its traceback in the tests
 
 TINY_ATTENTION_RES = 8  # the tiny UNet's cross-attention runs at the full 8x8 latent
 

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import instdiffedit
+import outset
 from instdiffedit import OUTPUTS, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,7 +53,8 @@ def image(tmp_path) -> Path:
 
 
 def files(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+    """The names a user sees (the output store, outset.STORE, holds the versions behind them)."""
+    return {p.name for p in folder.iterdir() if p.name != outset.STORE} if folder.exists() else set()
 
 
 def assert_error(rc, err, *fragments):
@@ -65,7 +67,7 @@ def assert_error(rc, err, *fragments):
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if p.name != outset.STORE}
 
 
 # ---------------------------------------------------------------- 5. end to end
@@ -232,6 +234,86 @@ def test_bad_options(cli, image, tmp_path, args, fragment):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args,fragments", [
+    (["--steps", "1001"], ["steps 1001", "1000 training timesteps"]),
+    (["--attention-res", "2"], ["attention_res 2", "8x8, 4x4"]),  # divides the 8x8 latent, but no layer there
+    (["--device", "meta"], ["meta", "only cpu, cuda and mps"]),
+    (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "cuda:99"], ["cuda"]),
+    (["--device", "mps"], ["mps"]),
+    (["--device", "tpu"], ["tpu"]),
+    (["--edit", "a \udcff cat"], ["--edit", "not valid UTF-8"]),
+    (["--method", "diffedit", "--source", "a \udcfe"], ["--source", "not valid UTF-8"]),
+])
+def test_model_dependent_and_environment_errors(cli, image, tmp_path, args, fragments):
+    import torch
+    if args[:2] == ["--device", "mps"] and torch.backends.mps.is_available():
+        pytest.skip("MPS is available here")
+    argv = ["--image", image, "--edit", "a cat", "--out", tmp_path / "o"] + args
+    assert_error(*cli(*argv)[::2], *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+def test_memory_estimate_refuses_before_allocating(cli, image, tmp_path, monkeypatch):
+    monkeypatch.setattr(instdiffedit, "_free_memory", lambda device: 2 ** 20)  # 1 MiB free
+    import methods.instdiffedit as method
+    monkeypatch.setattr(method, "stage1", lambda *a, **k: pytest.fail("ran stage 1"))
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", tmp_path / "o", "--rounds", 64)[::2],
+                 "needs at least", "UNet batch of 128", "GiB is free")
+    assert not (tmp_path / "o").exists()
+
+
+def test_memory_estimate_of_an_absurd_run(pipe):
+    """A million rounds at SD v1.4's size would need terabytes: refused against the real free memory."""
+    with pytest.raises(instdiffedit.EditError, match="needs at least"):
+        pipe.check_memory(2 * 10 ** 9)
+
+
+@pytest.mark.parametrize("guidance", ["-1e38", "3e38", "nan", "inf"])
+def test_absurd_guidance_is_refused_before_running(cli, image, tmp_path, guidance):
+    out = tmp_path / "o"
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", out, f"--guidance={guidance}")[::2], "guidance")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method,stage", [("instdiffedit", "stage 1"), ("sdedit", "SDEdit denoising")])
+def test_non_finite_stages_are_an_error_not_a_black_image(cli, image, tmp_path, monkeypatch, method, stage):
+    """A UNet that overflows (here: its output times inf) stops the run at the end of the stage, naming it."""
+    from model.unet import UNet2DConditionModel
+    real = UNet2DConditionModel.forward
+    monkeypatch.setattr(UNet2DConditionModel, "forward", lambda self, *a, **k: real(self, *a, **k) * float("inf"))
+    out = tmp_path / "o"
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", out, "--method", method)[::2],
+                 "produced NaN or inf", stage)
+    assert not out.exists()
+
+
+def test_non_finite_decoder_output_names_the_vae(cli, image, tmp_path, monkeypatch):
+    from model.vae import AutoencoderKL
+    real = AutoencoderKL.decode
+    monkeypatch.setattr(AutoencoderKL, "decode", lambda self, z: real(self, z) * float("nan"))
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", tmp_path / "o")[::2], "VAE decoder")
+
+
+def test_out_of_memory_and_internal_errors_are_one_line(cli, image, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 17592186044416 bytes.")
+    monkeypatch.setattr(instdiffedit.InstDiffEdit, "edit", oom)
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", tmp_path / "o")[::2], "out of memory",
+                 "--rounds")
+
+    def bug(*a, **k):
+        return 1 / 0
+    monkeypatch.setattr(instdiffedit.InstDiffEdit, "edit", bug)
+    monkeypatch.delenv(instdiffedit.TRACEBACK_ENV, raising=False)
+    rc, _, err = cli("--image", image, "--edit", "a cat", "--out", tmp_path / "o")
+    assert rc == 3
+    assert_error(rc, err, "internal error", "ZeroDivisionError", instdiffedit.TRACEBACK_ENV)
+    monkeypatch.setenv(instdiffedit.TRACEBACK_ENV, "1")
+    with pytest.raises(ZeroDivisionError):
+        cli("--image", image, "--edit", "a cat", "--out", tmp_path / "o")
+
+
 def test_edit_text_over_75_tokens_warns_and_succeeds(cli, image, tmp_path):
     edit = " ".join(["dog"] * 90)
     rc, _, err = cli("--image", image, "--edit", edit, "--out", tmp_path / "o")
@@ -335,6 +417,52 @@ def test_input_is_never_overwritten(cli, tmp_path):
     rc, _, err = cli("--image", e / "photo.png", "--edit", "a cat", "--out", e)
     assert rc == 0, err
     assert (e / "photo.png").read_bytes() == data and files(e) == BASIC | {"photo.png"}
+
+
+def test_inputs_are_never_written(cli, tmp_path):
+    """Not a --mask that is an earlier output inside --out, not through a symlink, not a hard link."""
+    out = tmp_path / "o"
+    Image.new("L", (24, 20), 255).save(tmp_path / "white.png")
+    picture().save(tmp_path / "in.png")
+    assert cli("--image", tmp_path / "in.png", "--edit", "a cat", "--out", out)[0] == 0
+    before = snapshot(out)
+    # the previous run's mask.png as --mask, reached directly and through a symlink elsewhere
+    (tmp_path / "link.png").symlink_to(out / "mask.png")
+    for mask in (out / "mask.png", tmp_path / "link.png"):
+        assert_error(*cli("--image", tmp_path / "in.png", "--edit", "a cat", "--out", out, "--overwrite",
+                          "--mask", mask)[::2], str(mask), "input would be overwritten")
+    # an input hard-linked to an output name
+    d = tmp_path / "d"
+    d.mkdir()
+    os.link(tmp_path / "in.png", d / "soft_mask.png")
+    assert_error(*cli("--image", tmp_path / "in.png", "--edit", "a cat", "--out", d, "--overwrite")[::2],
+                 "input would be overwritten")
+    # a file of the output store itself
+    store_file = out / outset.STORE / outset.CURRENT / "edited.png"
+    assert_error(*cli("--image", store_file, "--edit", "a cat", "--out", out, "--overwrite")[::2], "input")
+    assert snapshot(out) == before and files(d) == {"soft_mask.png"}
+
+
+def test_output_name_that_is_a_symlink_loop(cli, image, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    os.symlink("edited.png", out / "edited.png")  # points at itself
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", out, "--overwrite")[::2], "edited.png",
+                 "symlink loop")
+    os.symlink("loop2", tmp_path / "loop2")
+    assert_error(*cli("--image", image, "--edit", "a cat", "--out", tmp_path / "loop2")[::2], "symlink loop")
+
+
+def test_outputs_switch_as_one_set(cli, image, tmp_path):
+    """The outputs are links into the store's current version; the user's other files stay."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli("--image", image, "--edit", "a cat", "--out", out, "--save-attention")[0] == 0
+    assert all(os.path.islink(out / n) for n in ALL) and outset.current_names(out) == ALL
+    assert cli("--image", image, "--edit", "a dog", "--out", out, "--overwrite")[0] == 0
+    assert files(out) == BASIC | {"notes.txt"} and outset.current_names(out) == BASIC
+    assert len(os.listdir(out / outset.STORE)) == 2  # current and its one version folder
 
 
 # ---------------------------------------------------------------- input image modes

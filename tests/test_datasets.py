@@ -1,4 +1,5 @@
-"""List parser on the shared list files, malformed lines, and the resumable runner."""
+"""List parser on the authors' dataset list files (when present beside the repository), malformed lines,
+and the resumable runner."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from evaluation.runner import run_dataset
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LISTS = SHARED / "reference" / "dataset-lists"
 needs_lists = pytest.mark.skipif(
-    not LISTS.is_dir(), reason=f"shared dataset lists not found at {LISTS} (../shared beside the repo)"
+    not LISTS.is_dir(), reason=f"the authors' dataset list files are not at {LISTS}"
 )
 
 

@@ -122,9 +122,14 @@ class _HostTraffic(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_loops_never_touch_the_host(tiny_sd, one_thread, cuda_graphs):
+def test_loops_never_touch_the_host(tiny_sd, one_thread, cuda_graphs, monkeypatch):
     """Both loops with every model on the meta device: a value read on the host (.item(), .tolist(),
-    bool(tensor), .cpu()) raises there, and the dispatch mode sees every cross-device copy."""
+    bool(tensor), .cpu()) raises there, and the dispatch mode sees every cross-device copy. The one
+    finiteness check per stage (and per decode), after the loop, reads one value by design: skipped here."""
+    import instdiffedit
+    import methods.instdiffedit
+    for module in (instdiffedit, methods.instdiffedit):
+        monkeypatch.setattr(module, "check_finite", lambda x, *a: x)
     meta = _pipe(tiny_sd, cuda_graphs=cuda_graphs)
     for m in (meta.unet, meta.inpaint_unet, meta.vae, meta.text_encoder):
         m.to("meta")
@@ -141,6 +146,7 @@ def test_loops_never_touch_the_host(tiny_sd, one_thread, cuda_graphs):
         return run(inner, sampler, indices)
 
     meta.run_steps = watched
+    meta.decode = lambda z: z  # after the loop: its one finiteness check reads a value by design
     o = meta.options(**OPTS)
     st = meta.mask(IMG, EDIT, **OPTS)
     assert st.mask.device.type == "meta"
@@ -248,3 +254,15 @@ def test_fp16_vae_decode_falls_back_to_fp32_only_when_it_overflows(tiny_sd, one_
     assert (got - want).abs().max() < 1e-5
     after = half.vae.state_dict()
     assert all(after[k].dtype == torch.float16 and torch.equal(after[k], v) for k, v in weights.items())
+
+
+def test_mask_filter_constants_are_made_on_the_device():
+    """The authors' filters' constants come from device arithmetic, not host copies, and equal the tables."""
+    from mask.filters import BINOMIAL_5, binomial_taps, pil_weights
+    assert binomial_taps("cpu", torch.float64).tolist() == list(BINOMIAL_5)
+    with _HostTraffic() as mode:
+        on_meta = pil_weights(16, 64, "bicubic", False, torch.device("meta"))
+        taps = binomial_taps(torch.device("meta"), torch.float32)
+    assert on_meta.device.type == "meta" and on_meta.shape == (64, 16) and taps.shape == (5,)
+    assert mode.events == []
+    assert torch.equal(pil_weights(16, 64, "bicubic", True, "cpu"), pil_weights(16, 64, "bicubic", True))

@@ -131,17 +131,19 @@ def test_strict_inequalities_option():
 def test_multi_token_word_uses_mean_of_raw_maps():
     # "a dragonfly" -> words [[1], [2, 3]], EOT 4. Token 2 lights L, token 3 lights R three times
     # as strongly; their mean 0.05 L + 0.15 R normalises to L: 1/3, R: 1, elsewhere 0, which is
-    # neither part alone nor the mean of the normalised parts (1/2, 1/2).
+    # neither part alone nor the mean of the normalised parts (1/2, 1/2). The default models the
+    # authors' uint8 cast of 255 * map / max by its mean (minus half a level): L sits at 85 - 0.5 of
+    # 255 - 0.5.
     L = box(0, 15, 0, 5)
     R = box(0, 15, 10, 15)
     maps = torch.stack([1 - L - R, 0.02 * B, 0.1 * L, 0.3 * R, 0.5 * L, torch.rand(G, G)])
     res = instant_mask(maps, [[1], [2, 3]], (G, G))
-    torch.testing.assert_close(res.word_maps[2], L / 3 + R)
+    torch.testing.assert_close(res.word_maps[2], L * (84.5 / 254.5) + R)
     assert res.P.shape == (4,)
     # non-contiguous positions take the same mean
     maps2 = torch.stack([1 - L - R, 0.1 * L, 0.02 * B, 0.3 * R, 0.5 * L])
     res2 = instant_mask(maps2, [[1, 3], [2]], (G, G))
-    torch.testing.assert_close(res2.word_maps[1], L / 3 + R)
+    torch.testing.assert_close(res2.word_maps[1], L * (84.5 / 254.5) + R)
 
 
 def _ref_profile_1d():
@@ -169,11 +171,12 @@ def _ref_profile_1d():
 
 
 def test_one_word_uses_word_map_directly():
+    # the bilinear / sigma-1.1 options, against a hand-written 1-D reference
     # "car": maps SOT, car, EOT. The SOT map is deliberately unrelated: with one word P is [0, 1, 0]
     # and the refined map is the car map itself (left half of the grid).
     left = box(0, 15, 0, 7)
     maps = torch.stack([B, 0.05 * left + 0.01, torch.ones(G, G) * 0.3])
-    res = instant_mask(maps, [[1]], (64, 64))
+    res = instant_mask(maps, [[1]], (64, 64), upsample="bilinear", blur="gaussian")
     assert torch.equal(res.P, torch.tensor([0., 1., 0.]))
     assert res.index.item() == 1
     expected = torch.tensor(_ref_profile_1d()).expand(64, 64)

@@ -101,7 +101,8 @@ def test_every_option_of_every_method_is_a_flag_of_every_command_line(front):
             argv.append(spec.cli_flag)
             expect[spec.name] = not spec.default
         else:
-            value = spec.choices[-1] if spec.choices else "some text" if spec.type is str else spec.max
+            top = spec.max if spec.max is not None else (spec.min or 0) + 1
+            value = spec.choices[-1] if spec.choices else "some text" if spec.type is str else top
             argv += [spec.cli_flag, str(value)]
             expect[spec.name] = value if spec.type is str else spec.type(value)
     args = parser.parse_args(argv)
@@ -168,7 +169,7 @@ def test_unet_evals_equal_the_rows_the_unets_ran(pipe, monkeypatch, method):
     unet, inpaint = CountingUNet(pipe.unet), CountingUNet(pipe.inpaint_unet)
     monkeypatch.setattr(pipe, "unet", unet)
     monkeypatch.setattr(pipe, "inpaint_unet", inpaint)
-    res = pipe.edit(_pil(2), "a red cat", method=method, source="a dog", **_for(method))
+    res = pipe.edit(_pil(2), "a red cat", method=method, source="a grey dog", **_for(method))
     assert unet.rows > 0 and res.unet_evals == unet.rows + inpaint.rows
     assert res.unet_evals_by_model == {k: v for k, v in (("unet", unet.rows), ("inpaint_unet", inpaint.rows)) if v}
     # and what the methods' descriptions say they cost: 4 steps, strength 0.5 -> 2 steps, CFG doubles rows

@@ -289,3 +289,14 @@ def test_no_inpaint_decodes_round0_and_options_are_checked(pipe):
             pipe.edit(_pil(8), "a hat", **{"steps": 4, "attention_res": RES, **bad})
     with pytest.raises(instdiffedit.EditError, match="empty"):
         pipe.edit(_pil(8), "   ", steps=4)
+
+
+def test_exact_authors_reaches_instant_mask(pipe, monkeypatch):
+    """--exact-authors / exact_authors=True is handed to instant_mask at every step (the CLI flag too)."""
+    import methods.instdiffedit as method
+    seen = []
+    real = method.instant_mask
+    monkeypatch.setattr(method, "instant_mask", lambda *a, **k: seen.append(k["exact_authors"]) or real(*a, **k))
+    pipe.mask(_pil(9), "a red t-shirt", steps=4, rounds=1, attention_res=RES, exact_authors=True)
+    assert seen and all(seen)
+    assert instdiffedit.build_parser().parse_args(["--image", "x", "--edit", "y", "--exact-authors"]).exact_authors

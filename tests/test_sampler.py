@@ -323,6 +323,54 @@ def test_ddim_eta_with_variance_noise():
     assert (x - xr).abs().max().item() <= TOL
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ddim_posterior_sample_and_step_noise_match_cyclediffusion(dtype):
+    """posterior_sample and noise_of_step against the module functions of diffusers'
+    CycleDiffusionPipeline (posterior_sample, compute_noise), 99 SD v1.4 DDIM steps from index 30
+    (the official CycleDiffusion schedule), eta 0.1; the last step returns x0 in both."""
+    from diffusers.pipelines.deprecated.stable_diffusion_variants import pipeline_cycle_diffusion as ref
+
+    ours, d = pair("ddim", "epsilon")
+    n, eta = 99, 0.1
+    ours.set_timesteps(n)
+    d.set_timesteps(n)
+    if dtype == torch.float64:
+        to64(d)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(SHAPE, generator=g, dtype=dtype)
+    x = ours.add_noise_at(x0, torch.randn(SHAPE, generator=g, dtype=dtype), 30)
+    for i in range(30, n):
+        e = torch.randn(SHAPE, generator=g, dtype=dtype)  # a model's noise prediction
+        seed = 100 + i
+        prev_ref = ref.posterior_sample(d, x, d.timesteps[i], x0, torch.Generator().manual_seed(seed), eta)
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+        prev = ours.posterior_sample(x, x0, i, eta, None if i == n - 1 else z)
+        assert (prev - prev_ref).abs().max().item() <= TOL
+        noise = ours.noise_of_step(e, i, x, prev, eta)
+        noise_ref = ref.compute_noise(d, prev_ref, x, d.timesteps[i], e, eta)
+        # z is prev / s with s ~ 1e-3 .. 1e-2: relative to its size (std ~1)
+        assert (noise - noise_ref).abs().max().item() <= (1e-4 if dtype == torch.float32 else TOL)
+        # the step inverted: stepping with the recovered noise lands on prev
+        assert (ours.step(e, i, x, eta=eta, variance_noise=noise) - prev).abs().max().item() <= 1e-5
+        x = prev
+    assert torch.equal(x, x0)
+
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_ddim_noise_of_step_inverts_step_for_every_prediction_type(prediction_type):
+    """diffusers' compute_noise assumes epsilon; ours converts the output like step() does, so stepping
+    with the recovered noise lands on the given sample for v and x0 predictions too (fp64)."""
+    ours, _ = pair("ddim", prediction_type)
+    ours.set_timesteps(20)
+    g = torch.Generator().manual_seed(6)
+    for i in (0, 7, 19):
+        x, out, target = (torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(3))
+        z = ours.noise_of_step(out, i, x, target, 0.3)
+        assert (ours.step(out, i, x, eta=0.3, variance_noise=z) - target).abs().max().item() <= 1e-9
+
+
 def test_restart_order_option():
     g = torch.Generator().manual_seed(4)
     table = torch.randn(50, *SHAPE, generator=g, dtype=torch.float64)

@@ -131,9 +131,9 @@ def test_batch_padding(tok):
     assert ids[1, 9] == tok.eos_id and (ids[1, 10:] == tok.pad_id).all()
 
 
-def test_words_group_multi_token_words(tok, ref):
+def test_bpe_words_group_multi_token_words(tok, ref):
     prompt = "a red axolotl and pneumonoultramicroscopic dust, please"
-    words = tok.words(prompt)
+    words = tok.words(prompt, split="bpe")
     assert [w for w, _ in words] == ["a", "red", "axolotl", "and", "pneumonoultramicroscopic", "dust", ",", "please"]
     ids = tok.encode([prompt])[0].tolist()
     pos = 1
@@ -144,6 +144,30 @@ def test_words_group_multi_token_words(tok, ref):
         pos += len(want)
     assert ids[pos] == tok.eos_id
     assert len(dict(words)["pneumonoultramicroscopic"]) == len(ref.pieces("pneumonoultramicroscopic"))
+
+
+@pytest.mark.parametrize("prompt", ["a red t-shirt", "a ping-pong table, please", "a Shih-Tzu dog,",
+                                    "an axolotl  wearing\ta   fedora, watercolor", "a cat's whiskers... in 3000 AD!!"])
+def test_words_are_space_separated(tok, ref, prompt):
+    # the authors' words: edit.split(" "); each word's positions are its BPE pieces, in order
+    words = tok.words(prompt)
+    assert [w for w, _ in words] == prompt.split()
+    ids = tok.encode([prompt])[0].tolist()
+    pos = 1
+    for word, positions in words:
+        want = ref.ids(word)
+        assert positions == list(range(pos, pos + len(want))), word
+        assert [ids[p] for p in positions] == want, word
+        pos += len(want)
+    assert ids[pos] == tok.eos_id
+
+
+def test_space_words_hyphen_and_comma_are_one_word(tok):
+    words = dict(tok.words("a Shih-Tzu in a t-shirt, ping-pong"))
+    assert len(words["Shih-Tzu"]) >= 3 and len(words["t-shirt,"]) == 4 and len(words["ping-pong"]) == 3
+    assert [w for w, _ in tok.words("a t-shirt", split="bpe")] == ["a", "t", "-", "shirt"]
+    with pytest.raises(ValueError, match="split 'x'"):
+        tok.words("a", split="x")
 
 
 def test_words_non_ascii(tok):

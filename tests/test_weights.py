@@ -42,6 +42,28 @@ def test_diffusers_folder_matches_reference(tiny):
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in sd.unet.parameters())
 
 
+def test_tokenizer_folder_with_only_tokenizer_json(tmp_path, tiny, vocab):
+    """What current transformers / diffusers save: tokenizer.json + tokenizer_config.json, no vocab.json
+    or merges.txt. The ids must equal those of the vocab.json + merges.txt folder."""
+    import shutil
+
+    from transformers import CLIPTokenizerFast
+    folder, _ = tiny
+    copy = tmp_path / "sd"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "tokenizer")
+    CLIPTokenizerFast.from_pretrained(str(vocab)).save_pretrained(str(copy / "tokenizer"))
+    for name in ("vocab.json", "merges.txt"):
+        (copy / "tokenizer" / name).unlink(missing_ok=True)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (copy / "tokenizer").iterdir()}
+    text = "a Shih-Tzu in a t-shirt, axolotl"
+    new, old = load(copy, components=("tokenizer",)).tokenizer, load(folder, components=("tokenizer",)).tokenizer
+    assert torch.equal(new.encode(text), old.encode(text)) and new.words(text) == old.words(text)
+    (copy / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(WeightsError, match="tokenizer.json"):
+        load(copy, components=("tokenizer",))
+
+
 def test_components_and_dtype(tiny):
     folder, refs = tiny
     sd = load(folder, components=("unet",), dtype=torch.bfloat16)
@@ -277,3 +299,89 @@ def test_unsupported_config_names_file_and_key(tmp_path, tiny):
     cfg_path.write_text(json.dumps(cfg))
     msg = _err(m, components=("unet",))
     assert "use_linear_projection" in msg and "unet" in msg
+
+
+# ---------------------------------------------------------------- hostile configs and dtypes (issue 11)
+
+def _set_config(m: Path, comp: str, key, value, name="config.json") -> Path:
+    import json
+    p = m / comp / name
+    cfg = json.loads(p.read_text())
+    if key is None:
+        cfg = [cfg]  # the whole file a JSON list
+    else:
+        cfg[key] = value
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+@pytest.mark.parametrize("comp,key,value,fragment", [
+    ("unet", None, None, "expected a JSON object"),
+    ("unet", "sample_size", 0, "'sample_size' = 0"),
+    ("unet", "sample_size", "64", "'sample_size' = '64'"),
+    ("unet", "block_out_channels", [32, "64"], "block_out_channels"),
+    ("vae", "scaling_factor", "x", "'scaling_factor' = 'x'"),
+    ("vae", "scaling_factor", 0, "'scaling_factor' = 0"),
+    ("vae", None, None, "expected a JSON object"),
+    ("text_encoder", "hidden_size", 2 ** 70, "hidden_size"),
+    ("text_encoder", "layer_norm_eps", -1.0, "layer_norm_eps"),
+    ("scheduler", "num_train_timesteps", 0, "num_train_timesteps"),
+    ("scheduler", "num_train_timesteps", "1000", "num_train_timesteps"),
+    ("scheduler", "beta_end", -0.01, "beta_end"),
+    ("scheduler", "beta_start", 0.5, "beta_start"),
+    ("scheduler", "prediction_type", "noise", "prediction_type"),
+    ("scheduler", None, None, "expected a JSON object"),
+])
+def test_bad_config_values_name_file_and_key(tmp_path, tiny, comp, key, value, fragment):
+    m = _copy(tiny, tmp_path)
+    p = _set_config(m, comp, key, value, "scheduler_config.json" if comp == "scheduler" else "config.json")
+    msg = _err(m, components=(comp,))
+    assert str(p) in msg and fragment in msg, msg
+
+
+@pytest.mark.parametrize("index,fragment", [
+    ([["conv_in.weight", "a.safetensors"]], "expected a JSON object"),
+    ({"weight_map": ["a.safetensors"]}, "weight_map"),
+    ({"weight_map": {"conv_in.weight": 3}}, "'conv_in.weight' = 3"),
+    ({"weight_map": {"conv_in.weight": "../../secret.safetensors"}}, "not a .safetensors file name"),
+])
+def test_bad_sharded_index(tmp_path, tiny, index, fragment):
+    import json
+    m = _copy(tiny, tmp_path)
+    (m / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    idx = m / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    idx.write_text(json.dumps(index))
+    msg = _err(m, components=("unet",))
+    assert str(idx) in msg and fragment in msg, msg
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_non_float_checkpoint_dtypes_are_refused_by_key(tmp_path, tiny, dtype):
+    m = _copy(tiny, tmp_path)
+    f = _edit_unet(m, lambda sd: sd.update({"conv_in.weight": sd["conv_in.weight"].to(dtype)}))
+    msg = _err(m, components=("unet",))
+    assert str(f) in msg and "'conv_in.weight'" in msg and str(dtype).removeprefix("torch.") in msg, msg
+
+
+@pytest.mark.parametrize("stored,run", [(torch.float64, torch.float32), (torch.float16, torch.float32),
+                                        (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_float_dtypes_are_cast_to_the_run_dtype(tmp_path, tiny, stored, run):
+    m = _copy(tiny, tmp_path)
+    f = m / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(f))
+    save_file({k: v.to(stored) for k, v in sd.items()}, str(f))
+    unet = load(m, components=("unet",), dtype=run).unet
+    assert {p.dtype for p in unet.parameters()} == {run}
+    assert torch.equal(unet.conv_in.weight.float(), sd["conv_in.weight"].to(stored).to(run).float())
+
+
+def test_fp16_bytes_relabelled_bf16_are_refused(tmp_path, tiny):
+    """The raw fp16 bytes of every tensor, with the header saying BF16: values decode to 1e-19..1e-5."""
+    m = _copy(tiny, tmp_path)
+    f = m / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(f))
+    save_file({k: v.half().view(torch.bfloat16) for k, v in sd.items()}, str(f))
+    msg = _err(m, components=("unet",))
+    assert str(f) in msg and "implausibly small" in msg, msg
+    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(f))  # honest bf16 loads
+    load(m, components=("unet",))

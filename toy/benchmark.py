@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from evaluation.metrics import change_rates, mask_iou
-from mask.instant import gaussian_blur, minmax
+from mask.filters import binomial_blur
+from mask.instant import minmax
 from methods import REGISTRY, EditError, EditOptions, add_arguments, get_method, options_from_args
 from toy.world import benchmark_cases, render
 
@@ -46,7 +47,7 @@ def source_text(case) -> str:
 
 def sot_only_mask(word_maps: torch.Tensor, threshold: float) -> torch.Tensor:
     """Baseline: the inverted start-token map alone, blurred and thresholded like Eq. 9's output."""
-    soft = minmax(gaussian_blur(gaussian_blur(word_maps[0].float())))
+    soft = minmax(binomial_blur(binomial_blur(word_maps[0].float())))
     return soft > threshold
 
 

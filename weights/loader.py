@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from . import compvis, hub
+from . import checks, compvis, hub
 from .errors import WeightsError
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -81,27 +81,41 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
-    except Exception as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8; RecursionError: deep nesting
         raise WeightsError(f"{path}: not valid JSON ({_one_line(e)})") from None
+
+
+def _read_config(path: Path) -> dict:
+    return checks.config_object(_read_json(path), path)
 
 
 # ---------------------------------------------------------------- building one network
 
 def build(component: str, tensors: dict[str, Getter], label: str, config: dict | None = None,
-          device="cpu", dtype=torch.float32, overrides: dict | None = None) -> torch.nn.Module:
-    """Build network `component` on the meta device and fill it from `tensors` (strict)."""
+          device="cpu", dtype=torch.float32, overrides: dict | None = None,
+          config_label: str | None = None) -> torch.nn.Module:
+    """Build network `component` on the meta device and fill it from `tensors` (strict).
+
+    Every stored tensor must be float32/16, bfloat16 or float64 (checks.WEIGHT_DTYPES) and is cast
+    explicitly to `dtype`; integer, bool and float8 tensors are refused by key."""
     cls, cfg_cls = _networks()[component]
+    config_label = config_label or label
     try:
-        cfg = cfg_cls.from_dict(config) if config else cfg_cls()
+        cfg = cfg_cls.from_dict(checks.config_object(config, Path(config_label))) if config else cfg_cls()
         for k, v in (overrides or {}).items():
             setattr(cfg, k, v)
-    except (ValueError, TypeError) as e:
-        raise WeightsError(f"{label}: unsupported config ({_one_line(e)})") from None
-    with torch.device("meta"):
-        model = cls(cfg)
+    except (ValueError, TypeError, AttributeError) as e:  # the config classes' own refusals, wrong types
+        raise WeightsError(f"{config_label}: unsupported config ({_one_line(e)})") from None
+    checks.check_config(cfg, config_label)
+    try:
+        with torch.device("meta"):
+            model = cls(cfg)
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:  # e.g. heads not dividing the width
+        raise WeightsError(f"{config_label}: the config does not describe a buildable {component} "
+                           f"({_one_line(e)})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tensors = {k: g for k, g in tensors.items() if not k.endswith("position_ids")}  # a buffer in HF, not a weight
 
@@ -112,9 +126,10 @@ def build(component: str, tensors: dict[str, Getter], label: str, config: dict |
     if unexpected:
         raise WeightsError(f"{label}: unexpected key '{unexpected[0]}'" + _more(unexpected))
 
-    state = {}
+    state, maxima = {}, []
     for key, get in tensors.items():
         t = get()
+        checks.weight_dtype(t, key, label)
         if t.dim() == 4 and t.shape[2:] == (1, 1) and len(expected[key]) == 2:
             t = t[:, :, 0, 0]  # 1x1-conv attention projections of older VAEs -> linear
         if tuple(t.shape) != expected[key]:
@@ -126,8 +141,14 @@ def build(component: str, tensors: dict[str, Getter], label: str, config: dict |
         if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) \
                 and not bool(torch.isfinite(t).all()):
             raise WeightsError(f"{label}: key '{key}' contains NaN or inf values")
-        state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+        if t.dim() >= 2 and t.numel() >= 16:  # weight matrices: a strided sample's largest |value|
+            maxima.append(float(t.reshape(-1)[:: max(1, t.numel() // 4096)].float().abs().max()))
+        state[key] = t.to(device=device, dtype=dtype)  # the explicit cast of every weight to the run's dtype
+    checks.plausible_scale(component, maxima, label)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # whatever strict loading still finds wrong in the checkpoint
+        raise WeightsError(f"{label}: cannot load the weights ({_one_line(e)})") from None
     return model.eval().requires_grad_(False)
 
 
@@ -157,8 +178,7 @@ def weight_files(folder: Path, component: str, half: bool) -> list[Path]:
             return [folder / f"{name}.safetensors"]
         index = folder / f"{name}.safetensors.index.json"
         if index.is_file():
-            shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-            return [folder / s for s in shards]
+            return [folder / s for s in checks.shard_names(_read_json(index), index)]
     for name in order:  # pickled weights only as the last resort, read weights-only
         if (folder / f"{name}.bin").is_file():
             return [folder / f"{name}.bin"]
@@ -174,15 +194,17 @@ def load_component(folder: Path, component: str, device="cpu", dtype=torch.float
     for f in files:
         tensors.update({_rename(component, k): g for k, g in open_checkpoint(f).items()})
     cfg_path = sub / "config.json"
-    config = _read_json(cfg_path) if cfg_path.is_file() else None
+    config = _read_config(cfg_path) if cfg_path.is_file() else None
     label = str(files[0]) if len(files) == 1 else str(sub)
-    return build(component, tensors, label, config, device, dtype)
+    return build(component, tensors, label, config, device, dtype, config_label=str(cfg_path))
 
 
 def load_tokenizer(folder: Path):
     from model.tokenizer import Tokenizer
-    if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
-        raise WeightsError(f"{folder}: missing tokenizer files (vocab.json and merges.txt)")
+    # SD v1 repos carry vocab.json + merges.txt; current transformers / diffusers save tokenizer.json
+    bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if not bpe_files and not (folder / "tokenizer.json").is_file():
+        raise WeightsError(f"{folder}: missing tokenizer files (vocab.json and merges.txt, or tokenizer.json)")
     try:
         return Tokenizer.from_folder(folder)
     except Exception as e:
@@ -211,6 +233,16 @@ def load_single_file(path: Path, components, device="cpu", dtype=torch.float32,
         src = resolve(tokenizer_source or DEFAULT_MODEL, ("tokenizer",), half=False)
         out.tokenizer = load_tokenizer(src / "tokenizer" if (src / "tokenizer").is_dir() else src)
     return out
+
+
+def check_scheduler_config(config: dict, path: Path | str) -> None:
+    """The sampler's config, parsed now so that a bad value is a WeightsError at load, not an error mid-run."""
+    from sampler import SchedulerConfig
+    try:
+        cfg = SchedulerConfig.from_dict(config)
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{path}: unsupported scheduler config ({_one_line(e)})") from None
+    checks.check_config(cfg, str(path))
 
 
 # ---------------------------------------------------------------- one entry point
@@ -250,5 +282,7 @@ def load(source: str | Path = DEFAULT_MODEL, components=ALL, device="cpu", dtype
         out.tokenizer = load_tokenizer(path / "tokenizer")
     if "scheduler" in components:
         cfg = path / "scheduler" / "scheduler_config.json"
-        out.scheduler_config = _read_json(cfg) if cfg.is_file() else None
+        out.scheduler_config = _read_config(cfg) if cfg.is_file() else None
+        if out.scheduler_config:
+            check_scheduler_config(out.scheduler_config, cfg)
     return out
