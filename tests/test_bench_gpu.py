@@ -11,9 +11,9 @@ from bench import gpu
 TIMED = ("stage1_s", "finish_s", "total_s")
 
 
-def _run(tmp_path, *extra):
+def _run(tmp_path, *extra, steps: int = 4):
     out = tmp_path / "gpu.json"
-    assert gpu.main(["--tiny", "--steps", "6", "--out", str(out), *extra]) == 0
+    assert gpu.main(["--tiny", "--steps", str(steps), "--out", str(out), *extra]) == 0
     return json.loads(out.read_text())
 
 
@@ -41,7 +41,7 @@ def test_tiny_run_compiled_and_graphed(tmp_path, one_thread):
     """The compiled sections through dynamo with the 'eager' backend (inductor's CPU code generation
     would take minutes here; the GPU run uses inductor). 6 steps: 3 stage-1 steps, so that the graphs
     section's stand-in captures one step and replays another."""
-    r = _run(tmp_path, "--only", "compiled,graphs", "--compile-backend", "eager")
+    r = _run(tmp_path, "--only", "compiled,graphs", "--compile-backend", "eager", steps=6)
     assert r["skipped"] == []
     for name in ("compiled", "graphs"):
         _check_edit_section(r["sections"][name])
