@@ -336,12 +336,14 @@ class InstDiffEdit:
     def progress(self, it, enabled: bool, desc: str):
         return _progress(it, enabled, desc)
 
-    def run_steps(self, step, sampler, indices):
+    def run_steps(self, step, sampler, indices, unet):
         """Run a denoising loop's step function over `indices`, eagerly or as CUDA-graph replays
-        (model/runtime.py; self.cuda_graphs). Returns the last step's return value."""
+        (model/runtime.py; self.cuda_graphs), with `unet` (the one the step calls) placed on the device
+        before the loop (offload). Returns the last step's return value."""
         if self.cuda_graphs and not hasattr(sampler, "index"):
             raise EditError(f"cuda_graphs needs a sampler that takes device step indices (lms), not "
                             f"{type(sampler).__name__}")
+        self.placement.use(unet)
         index_of = sampler.index if self.cuda_graphs else None
         return run_steps(step, indices, index_of, self.cuda_graphs, self.unet_evals)
 
@@ -377,7 +379,8 @@ class InstDiffEdit:
             pred = self.unet_cfg(self.inpaint_unet, sampler, x, i, sampler.timestep(i), emb, o.guidance, extra)
             x.copy_(sampler.step(pred, i, x))
 
-        self.run_steps(step, sampler, _progress(range(len(sampler.timesteps)), progress, "inpainting"))
+        self.run_steps(step, sampler, _progress(range(len(sampler.timesteps)), progress, "inpainting"),
+                       self.inpaint_unet)
         check_finite(x, "the inpainting finish", guidance_cause(o.guidance))
         return self.decode(x)
 

@@ -52,7 +52,7 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
         return res
 
     res = pipe.run_steps(step, sampler, pipe.progress(range(start, len(sampler.timesteps)), progress,
-                                                     "mask + guided denoising"))
+                                                     "mask + guided denoising"), pipe.unet)
     check_finite(x, "stage 1 (mask-guided denoising)", guidance_cause(o.guidance))
     names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
     return MaskOutput(res.mask, res.soft, res.P, names, res.word_maps, x)

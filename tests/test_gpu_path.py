@@ -137,13 +137,13 @@ def test_loops_never_touch_the_host(tiny_sd, one_thread, cuda_graphs, monkeypatc
     traffic = []
     run = meta.run_steps
 
-    def watched(step, sampler, indices):
+    def watched(step, sampler, indices, unet):
         def inner(i):
             with _HostTraffic() as mode:
                 out = step(i)
             traffic.extend(mode.events)
             return out
-        return run(inner, sampler, indices)
+        return run(inner, sampler, indices, unet)
 
     meta.run_steps = watched
     meta.decode = lambda z: z  # after the loop: its one finiteness check reads a value by design
@@ -161,14 +161,14 @@ def test_loops_never_synchronise_on_cuda(tiny_sd, cuda_graphs):
                                        cuda_graphs=cuda_graphs)
     run = gpu.run_steps
 
-    def strict(step, sampler, indices):
+    def strict(step, sampler, indices, unet):
         def inner(i):
             torch.cuda.set_sync_debug_mode("error")
             try:
                 return step(i)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        return run(inner, sampler, indices)
+        return run(inner, sampler, indices, unet)
 
     gpu.run_steps = strict
     res = gpu.edit(IMG, EDIT, **OPTS)
