@@ -4,50 +4,60 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU build that lies on this machine's disk; on a CUDA machine the same pin from PyPI is a CUDA build.
 TORCH  ?= torch==2.13.0
-STAMP  := $(VENV)/.installed
+# two stamps: requirements.txt (what `make demo` and `pip install .` need), then requirements-dev.txt (tests)
+RUNTIME := $(VENV)/.installed-runtime
+DEV     := $(VENV)/.installed-dev
 
-.PHONY: test test-fast demo bench bench-gpu eval-toy table1 toy-model clean
+.PHONY: test test-fast demo bench bench-gpu eval-toy table1 toy-model wheel clean
 
-$(STAMP): requirements.txt requirements-dev.txt
-	$(PY) -m venv $(VENV)
+$(RUNTIME): requirements.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(DEV): $(RUNTIME) requirements-dev.txt
+	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps open-clip-torch
 	touch $@
 
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(DEV)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# a wheel in dist/ (pip install dist/instdiffedit-*.whl; the README's "Installing")
+wheel: $(RUNTIME)
+	$(BIN)/pip wheel --no-deps --no-build-isolation -w dist .
+
 # the main job, offline: edit the bundled example scene with the bundled toy model (CPU, < 1 min)
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(BIN)/python instdiffedit.py --image assets/examples/scene.png --edit "$(DEMO_EDIT)" --model toy \
-		--out out/demo --save-attention --overwrite
+		--out out/demo --save-attention --save-steps --overwrite
 
 DEMO_EDIT ?= a blue circle
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/python bench/bench_models.py
 	$(BIN)/python bench/bench_mask.py
 
 # one call on a CUDA machine, budgeted to 6 min on an H100/H200-class GPU: random SD v1.4-size weights built on
 # the device (no downloads); writes runs/bench-gpu/gpu.json. `bench/gpu.py --tiny` is the CPU dry run CI makes.
-bench-gpu: $(STAMP)
+bench-gpu: $(DEV)
 	$(BIN)/python bench/gpu.py
 
 # edit-quality benchmark on held-out synthetic scenes (exact GT masks); writes runs/eval-toy/
-eval-toy: $(STAMP)
+eval-toy: $(RUNTIME)
 	$(BIN)/python -m toy.benchmark
 
 # toy Table 1: every registered method (methods/) on the same 16 toy scenes: s/edit, UNet evals/edit, IoU, C_m, C_non
-table1: $(STAMP)
+table1: $(RUNTIME)
 	OMP_NUM_THREADS=1 $(BIN)/python -m toy.benchmark --table1 --methods-n 16 --out runs/table1-toy
 
 # retrain the bundled toy model from its seed (estimated 2 h 20 min on one CPU thread; assets/TRAINING.md)
-toy-model: $(STAMP)
+toy-model: $(RUNTIME)
 	$(BIN)/python -m toy.train --out assets --seed 0
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

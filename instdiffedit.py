@@ -26,13 +26,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 import outset
-from methods import EditError, EditOptions, Job, MaskOutput, check_finite, guidance_cause, add_arguments, get_method, options_from_args
+from evaluation.figures import attention_figure, mask_outline, steps_strip
+from methods import (EditError, EditOptions, Job, MaskOutput, StepState, add_arguments, check_finite, get_method,
+                     guidance_cause, options_from_args)
+from methods.options import SHARED_BY_NAME
 from model.runtime import Placement, run_steps
 from sampler import SchedulerConfig, cfg, make_sampler
-from weights import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, WeightsError, load
+from weights import (DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, Need, WeightsError, default_inpaint_model, load,
+                     resolve_models)
+from weights.sources import BUNDLED, assets_dir
 
-TOY_MODEL = str(Path(__file__).resolve().parent / "assets" / "toy-sd")
-TOY_INPAINT_MODEL = str(Path(__file__).resolve().parent / "assets" / "toy-sd-inpaint")
+TOY_MODEL = str(assets_dir() / BUNDLED["toy"])  # the bundled toy model: --model toy
+TOY_INPAINT_MODEL = str(assets_dir() / BUNDLED["toy-inpaint"])
 MAX_PIXELS = 64_000_000  # larger inputs are refused as possible decompression bombs
 
 
@@ -71,12 +76,17 @@ def check_text(text: str, what: str) -> None:
 
 @dataclass
 class EditResult:
-    image: Image.Image        # edited image at the input's original size
-    mask: Image.Image         # binary mask at the input's original size
-    soft_mask: Image.Image    # refined soft map at the input's original size
-    P: list[int]
-    words: list[str]
-    word_maps: torch.Tensor
+    """What edit() and mask() return (from mask(), `image` is None). Pictures are PIL images at the
+    input's own size and orientation; tensors are on the CPU at latent size (the model's size / 8)."""
+    image: Image.Image | None  # the edited image; None from mask()
+    mask: Image.Image         # binary mask, "L" (255 = edited); edit(mask=...) takes it back as is
+    soft_mask: Image.Image    # the soft map the mask was thresholded from, "L"
+    P: list[int]              # InstDiffEdit's Eq. 8 positions, one per word ([] for other methods)
+    words: list[str]          # ["<sot>", word..., "<eot>"], aligned with P and word_maps
+    word_maps: torch.Tensor   # (words, h, w) normalised cross-attention maps the mask was built from
+    mask_latent: torch.Tensor  # (h, w) bool: the mask the method used
+    soft_latent: torch.Tensor  # (h, w) float in [0, 1]
+    latents: torch.Tensor | None = None  # InstDiffEdit: (rounds, C, h, w) Eq. 5 latents after the last step
     timings: dict[str, float] = field(default_factory=dict)  # mask_s (the method), finish_s (inpainting)
     unet_evals: int = 0       # UNet image-evaluations of the edit (batch rows, counted at every call)
     unet_evals_by_model: dict[str, int] = field(default_factory=dict)  # {"unet": ..., "inpaint_unet": ...}
@@ -162,17 +172,105 @@ def map_to_pil(m: torch.Tensor, size: tuple[int, int], binary: bool = False) -> 
 
 def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
     """A user mask (white = edit) -> bool (H, W) at `size`; colour or empty images are refused."""
+    return as_mask(Path(path), size)
+
+
+# ---------------------------------------------------------------- inputs in the forms people have
+
+def as_image(image) -> Image.Image:
+    """One image in any accepted form -> RGB PIL.
+
+    str or Path: a file PIL reads. PIL.Image: any mode (alpha composited on white). numpy: uint8,
+    H x W x 3 (RGB), H x W x 4 (RGBA) or H x W (grey). torch.Tensor: 3 x H x W (or 1 x 3 x H x W) float,
+    read as [0, 1] when no value is negative and as [-1, 1] otherwise (diffusers' rule; a [-1, 1] image
+    without a single negative value would be misread, so pass such images as uint8), or uint8 3 x H x W."""
     import numpy as np
-    img = load_image(path)
-    a = np.asarray(img, dtype=np.int16)
-    if np.abs(a - a.mean(axis=2, keepdims=True)).max() > 8:
-        raise EditError(f"{path}: not a mask (it has colour; expected black and white, white = region to edit)")
-    m = a[..., 0] > 127
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return _to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        x = image.detach().cpu()
+        if x.dim() == 4 and x.shape[0] == 1:
+            x = x[0]
+        if x.dim() != 3 or x.shape[0] not in (1, 3):
+            raise EditError(f"image tensor of shape {tuple(image.shape)}: expected 3 x H x W (channels first)")
+        if x.dtype == torch.uint8:
+            a = x.permute(1, 2, 0).numpy()
+        elif x.is_floating_point():
+            x = x.float()
+            if not torch.isfinite(x).all() or x.min() < -1 or x.max() > 1:
+                raise EditError("image tensor has values outside [-1, 1] (expected [0, 1] or [-1, 1] floats)")
+            x = (x + 1) / 2 if x.min() < 0 else x
+            a = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        else:
+            raise EditError(f"image tensor of dtype {x.dtype}: expected float in [0, 1] / [-1, 1] or uint8")
+        return Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise EditError(f"image array of dtype {image.dtype}: expected uint8 H x W x 3 "
+                            "(for floats, pass a torch tensor C x H x W in [0, 1] or [-1, 1])")
+        if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4)):
+            return _to_rgb(Image.fromarray(np.ascontiguousarray(image)))
+        raise EditError(f"image array of shape {image.shape}: expected H x W x 3, H x W x 4 or H x W")
+    raise EditError(f"image of type {type(image).__name__}: expected a path, PIL image, numpy array or tensor")
+
+
+def as_mask(mask, size: tuple[int, int]) -> torch.Tensor:
+    """A mask in any accepted form (white / True / > 0.5 = edit) -> bool (H, W) tensor at `size` (W, H).
+
+    The forms of `as_image`, plus what edit() returns (an "L" PIL image) and bool or [0, 1] float
+    arrays and tensors of shape H x W (or 1 x H x W). Colour images and empty masks are refused."""
+    import numpy as np
+    name = str(mask) if isinstance(mask, (str, Path)) else f"mask {type(mask).__name__}"
+    if isinstance(mask, (str, Path, Image.Image)) or (isinstance(mask, np.ndarray) and mask.dtype == np.uint8
+                                                       and mask.ndim == 3):
+        a = np.asarray(as_image(mask), dtype=np.int16)
+        if np.abs(a - a.mean(axis=2, keepdims=True)).max() > 8:
+            raise EditError(f"{name}: not a mask (it has colour; expected black and white, white = region to edit)")
+        m = a[..., 0] > 127
+    else:
+        t = torch.as_tensor(np.asarray(mask)) if isinstance(mask, np.ndarray) else mask
+        if not isinstance(t, torch.Tensor):
+            raise EditError(f"{name}: expected a path, PIL image, numpy array or tensor")
+        t = t.detach().cpu()
+        t = t[0] if t.dim() == 3 and t.shape[0] == 1 else t
+        if t.dim() != 2:
+            raise EditError(f"{name} of shape {tuple(t.shape)}: expected H x W")
+        m = (t > 127 if t.dtype == torch.uint8 else t.float() > 0.5 if t.is_floating_point() else t != 0).numpy()
     if not m.any():
-        raise EditError(f"{path}: the mask is empty (no white pixels)")
-    if img.size != size:
-        m = np.asarray(Image.fromarray(m).resize(size, Image.NEAREST))
+        raise EditError(f"{name}: the mask is empty (no white pixels)")
+    if m.shape[::-1] != tuple(size):
+        m = np.asarray(Image.fromarray(m).resize(tuple(size), Image.NEAREST))
     return torch.from_numpy(m.copy())
+
+
+# ---------------------------------------------------------------- devices
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The given device (checked by check_device: the one place), else cuda, else mps, else cpu."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    return check_device(str(device))
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on GPUs (cuda, mps), where it halves memory and time; fp32 on the CPU."""
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+# Edit time on the CPU relative to fp32, measured on the bundled toy model, one thread (README,
+# "Devices"): fp16 37.8x, bf16 0.86x (this CPU computes bf16 natively). Only fp16 is worth a warning.
+CPU_SLOW_DTYPES = {torch.float16: "37.8x"}
+
+
+def check_precision(device: torch.device, dtype: torch.dtype) -> None:
+    """fp16 on the CPU works but is far slower than fp32: say so (Python shows it once)."""
+    if device.type == "cpu" and dtype in CPU_SLOW_DTYPES:
+        warnings.warn(f"fp16 on the CPU is slower than fp32, not faster (measured {CPU_SLOW_DTYPES[dtype]} the fp32 "
+                      f"time on the toy model); use fp32 (the CPU default) or bf16", RuntimeWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -194,6 +292,7 @@ class InstDiffEdit:
                  cuda_graphs: bool = False, offload: bool = False, channels_last: bool = False):
         self.unet, self.vae, self.text_encoder, self.tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
         self.inpaint_unet = inpaint_unet
+        self.sources = {}  # role -> weights.Resolved (path, hub revision), filled by from_pretrained
         self.scheduler_config = SchedulerConfig.from_dict(sd.scheduler_config) if sd.scheduler_config else SchedulerConfig()
         self.device, self.dtype = torch.device(device), dtype
         self.scale = self.vae.config.scaling_factor
@@ -220,20 +319,54 @@ class InstDiffEdit:
         self.placement = Placement({"unet": self.unet, "inpaint_unet": self.inpaint_unet}, self.device, offload)
 
     @classmethod
-    def from_pretrained(cls, model: str = DEFAULT_MODEL, inpaint_model: str | None = DEFAULT_INPAINT_MODEL,
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, inpaint_model: str | None = "auto",
                         device: str | None = None, dtype: torch.dtype | None = None, compile: bool | str = False,
-                        cuda_graphs: bool = False, offload: bool = False, channels_last: bool = False):
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        check_device(device)
-        dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+                        tokenizer: str | None = None, cuda_graphs: bool = False, offload: bool = False,
+                        channels_last: bool = False) -> "InstDiffEdit":
+        """Load the models and return a ready pipeline.
+
+        model: SD v1.x: a hub repo id, a diffusers-layout folder, a CompVis single file (.safetensors
+            or .ckpt), or "toy" (the small model bundled with the package).
+        inpaint_model: the 9-channel inpainting UNet, in the same forms. "auto" (default): "toy-inpaint"
+            for the toy model, else stable-diffusion-v1-5/stable-diffusion-inpainting. None: no
+            inpainting (mask() and edit(inpaint=False) still work).
+        device: "cuda", "mps", "cpu", "cuda:1", ... (default: cuda, else mps, else cpu).
+        dtype: default fp16 on cuda and mps, fp32 on the CPU.
+        compile, cuda_graphs, offload, channels_last: the device-level options (class docstring).
+        tokenizer: a tokenizer folder, model folder or hub id replacing the model's own; a single file
+            has none and uses the CLIP vocabulary bundled with the package (SD v1.x's).
+
+        Every source is located first (hub ids are fetched, only the files read) and everything
+        missing is listed in one WeightsError before any weight is read.
+        """
+        device = resolve_device(device)
+        dtype = dtype or default_dtype(device)
+        check_precision(device, dtype)
+        inpaint_model = default_inpaint_model(model) if inpaint_model == "auto" else inpaint_model
+        parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        own = tuple(c for c in parts if c != "tokenizer") if tokenizer else parts  # what the model source gives
+        needs = [Need("model", str(model), own, "pass a local folder or single file (--model PATH)")]
+        if inpaint_model:
+            needs.append(Need("inpaint model", str(inpaint_model), ("unet",),
+                              "pass a local one (--inpaint-model PATH) or do without it (--no-inpaint, "
+                              "or inpaint_model=None in Python)"))
+        if tokenizer:
+            needs.append(Need("tokenizer", str(tokenizer), ("tokenizer",),
+                              "pass a local tokenizer folder, or leave --tokenizer out"))
+        found = resolve_models(needs, half=dtype in (torch.float16, torch.bfloat16))
+        tok = found["tokenizer"].path if tokenizer else None
         where = "cpu" if offload else device  # offload: load on the host; each UNet visits the device in turn
-        sd = load(model, device=where, dtype=dtype)
-        inpaint = load(inpaint_model, components=("unet",), device=where, dtype=dtype).unet if inpaint_model else None
-        if inpaint is not None and inpaint.config.in_channels != 9:
-            raise WeightsError(f"{inpaint_model}: the inpainting UNet must take 9 input channels, "
-                               f"this one takes {inpaint.config.in_channels}")
-        return cls(sd, inpaint, device, dtype, compile=compile, cuda_graphs=cuda_graphs, offload=offload,
+        sd = load(found["model"].path, parts, device=where, dtype=dtype, tokenizer_source=tok)
+        inpaint = None
+        if inpaint_model:
+            inpaint = load(found["inpaint model"].path, components=("unet",), device=where, dtype=dtype).unet
+            if inpaint.config.in_channels != 9:
+                raise WeightsError(f"{inpaint_model}: the inpainting UNet must take 9 input channels, "
+                                   f"this one takes {inpaint.config.in_channels}")
+        pipe = cls(sd, inpaint, device, dtype, compile=compile, cuda_graphs=cuda_graphs, offload=offload,
                    channels_last=channels_last)
+        pipe.sources = found
+        return pipe
 
     def cross_attention_grids(self, latent: int) -> list[int]:
         """Query grids (side) where the UNet has cross-attention, for a square latent of side `latent`:
@@ -336,16 +469,17 @@ class InstDiffEdit:
     def progress(self, it, enabled: bool, desc: str):
         return _progress(it, enabled, desc)
 
-    def run_steps(self, step, sampler, indices, unet):
+    def run_steps(self, step, sampler, indices, unet, eager: bool = False):
         """Run a denoising loop's step function over `indices`, eagerly or as CUDA-graph replays
         (model/runtime.py; self.cuda_graphs), with `unet` (the one the step calls) placed on the device
-        before the loop (offload). Returns the last step's return value."""
-        if self.cuda_graphs and not hasattr(sampler, "index"):
+        before the loop (offload). eager: every step in Python, e.g. for a per-step callback, which a
+        replay would not call. Returns the last step's return value."""
+        graph = self.cuda_graphs and not eager
+        if graph and not hasattr(sampler, "index"):
             raise EditError(f"cuda_graphs needs a sampler that takes device step indices (lms), not "
                             f"{type(sampler).__name__}")
         self.placement.use(unet)
-        index_of = sampler.index if self.cuda_graphs else None
-        return run_steps(step, indices, index_of, self.cuda_graphs, self.unet_evals)
+        return run_steps(step, indices, sampler.index if graph else None, graph, self.unet_evals)
 
     def finish(self, job: Job, mask: torch.Tensor) -> torch.Tensor:
         """The inpainting finish every mask method shares: (3, S, S) edit of job.x0 inside `mask`."""
@@ -353,7 +487,7 @@ class InstDiffEdit:
             raise EditError(f"--no-inpaint decodes InstDiffEdit's Eq. 5 result: it needs the instdiffedit "
                             f"method and no --mask (method {job.o.method})")
         tic = _clock(self.device)
-        out = self.inpaint(job.x0, mask, job.emb, job.o, job.gen, job.progress)[0]
+        out = self.inpaint(job.x0, mask, job.emb, job.o, job.gen, job.progress, job.callback)[0]
         job.timings["finish_s"] = _clock(self.device) - tic
         return out
 
@@ -361,7 +495,7 @@ class InstDiffEdit:
 
     @torch.no_grad()
     def inpaint(self, x0: torch.Tensor, mask: torch.Tensor, prompt: str | torch.Tensor, o: EditOptions,
-                gen: torch.Generator, progress: bool = False) -> torch.Tensor:
+                gen: torch.Generator, progress: bool = False, callback=None) -> torch.Tensor:
         """SD inpainting from pure noise: UNet input = [noisy latents, latent mask, masked-image latents].
 
         `prompt` is the text or its encode_text embedding (edit() passes the one stage 1 used)."""
@@ -378,9 +512,11 @@ class InstDiffEdit:
         def step(i):  # in place on x; i is an int, or a device tensor when replayed (run_steps)
             pred = self.unet_cfg(self.inpaint_unet, sampler, x, i, sampler.timestep(i), emb, o.guidance, extra)
             x.copy_(sampler.step(pred, i, x))
+            if callback is not None:  # eager steps only (run_steps is told so): i is an int here
+                callback(i, sampler.timesteps[i], StepState("inpaint", x.clone(), mask, mask.float()))
 
         self.run_steps(step, sampler, _progress(range(len(sampler.timesteps)), progress, "inpainting"),
-                       self.inpaint_unet)
+                       self.inpaint_unet, eager=callback is not None)
         check_finite(x, "the inpainting finish", guidance_cause(o.guidance))
         return self.decode(x)
 
@@ -394,6 +530,17 @@ class InstDiffEdit:
             raise EditError(f"steps {o.steps} is more than the model's {train_steps} training timesteps")
         return o
 
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "InstDiffEdit":
+        """Move every network to `device` (and `dtype`) in place; returns the pipeline, as torch does."""
+        device = resolve_device(device) if device is not None else self.device
+        dtype = dtype or self.dtype
+        check_precision(device, dtype)
+        for net in (self.unet, self.vae, self.text_encoder, self.inpaint_unet):
+            if net is not None:
+                net.to(device=device, dtype=dtype)
+        self.device, self.dtype = device, dtype
+        return self
+
     def _prepare(self, image, edit: str, o: EditOptions):
         if not isinstance(edit, str) or not edit.strip():
             raise EditError("the edit text is empty")
@@ -402,51 +549,149 @@ class InstDiffEdit:
         check_text(edit, "the edit text")
         check_text(o.source, "the source text")
         self.check_memory(get_method(o.method).unet_batch(o))
-        img = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        img = as_image(image)
         return img, to_tensor(img, self.size, self.device, self.dtype)
 
-    def _job(self, image, edit: str, o: EditOptions, progress: bool, mask=None):
+    def _job(self, image, edit: str, o: EditOptions, progress: bool, mask=None, generator=None, callback=None):
         img, x0 = self._prepare(image, edit, o)
-        job = Job(x0, edit, self.encode_text(edit), o, self._generator(o.seed), None, progress)
+        if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
+            raise EditError("generator must be a CPU torch.Generator (all noise is drawn on the CPU)")
+        job = Job(x0, edit, self.encode_text(edit), o, generator or self._generator(o.seed), None, progress,
+                  callback=callback)
         if mask is not None:
             h, w = (s // self.vae_factor for s in x0.shape[-2:])
-            job.mask = F.interpolate(mask.float()[None, None], size=(h, w), mode="area")[0, 0].to(self.device) > 0.5
+            m = as_mask(mask, img.size)
+            job.mask = F.interpolate(m.float()[None, None], size=(h, w), mode="area")[0, 0].to(self.device) > 0.5
         self.unet_evals = {}  # call_unet counts into this
         return img, job
 
-    def mask(self, image, edit: str, progress: bool = False, method: str = "instdiffedit",
-             **options) -> MaskOutput:
-        """The mask of `method` alone (InstDiffEdit: stage 1); EditError for a method that makes none."""
-        o = self.options(method, **options)
-        m = get_method(method)
-        if not m.makes_mask:
-            raise EditError(f"method {method} makes no mask")
-        tic = _clock(self.device)
-        _, job = self._job(image, edit, o, progress)
-        out = m.mask(self, job)
-        out.seconds, out.unet_evals = _clock(self.device) - tic, sum(self.unet_evals.values())
-        return out
-
-    def edit(self, image, edit: str, mask: torch.Tensor | None = None, progress: bool = False,
-             method: str = "instdiffedit", **options) -> EditResult:
-        """Edit `image` (path or PIL) toward the text `edit` with `method` (see methods.REGISTRY).
-        `mask` (bool, any size) replaces the method's own mask."""
-        o = self.options(method, **options)
-        tic = _clock(self.device)
-        img, job = self._job(image, edit, o, progress, mask)
-        out = get_method(method).edit(self, job)
-        total = _clock(self.device) - tic
-        timings = {"mask_s": total - job.timings.get("finish_s", 0.0), "finish_s": job.timings.get("finish_s", 0.0)}
+    def _result(self, img: Image.Image, job: Job, st: MaskOutput | None, image: torch.Tensor | None,
+                timings: dict[str, float]) -> "EditResult":
         h, w = job.x0.shape[-2] // self.vae_factor, job.x0.shape[-1] // self.vae_factor
-        st = out.mask
         m = torch.ones(h, w, dtype=torch.bool) if st is None else st.mask  # no mask: the whole image may change
         soft = m.float() if st is None else st.soft
         maps = st.word_maps if st is not None and st.word_maps is not None else torch.zeros(0, h, w)
-        P = [int(v) for v in st.P] if st is not None else []
         size = img.size
-        return EditResult(to_pil(out.image).resize(size, Image.BICUBIC), map_to_pil(m, size, binary=True),
-                          map_to_pil(soft, size), P, st.words if st is not None else [], maps.float().cpu(),
-                          timings, sum(self.unet_evals.values()), dict(self.unet_evals))
+        edited = None if image is None else to_pil(image).resize(size, Image.BICUBIC)
+        if edited is not None and job.o.keep_unmasked and st is not None:
+            edited = keep_unmasked(img, edited, m)
+        return EditResult(
+            image=edited,
+            mask=map_to_pil(m, size, binary=True), soft_mask=map_to_pil(soft, size),
+            P=[int(v) for v in st.P] if st is not None else [], words=st.words if st is not None else [],
+            word_maps=maps.float().cpu(), mask_latent=m.cpu(), soft_latent=soft.float().cpu(),
+            latents=None if st is None or st.latents is None else st.latents.cpu(), timings=timings,
+            unet_evals=sum(self.unet_evals.values()), unet_evals_by_model=dict(self.unet_evals))
+
+    ALIASES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}  # diffusers' names for ours
+
+    def _run(self, kind: str, call: dict):
+        """edit() and mask() (`call`: their arguments): options gathered and checked once, then one image
+        or a list of them."""
+        image, edit, mask, method = call["image"], call["edit"], call.get("mask"), call["method"]
+        progress, generator, callback = call["progress"], call["generator"], call["callback_on_step_end"]
+        given = {k: v for k, v in call.items() if k in SHARED_BY_NAME and v is not None} | call["method_options"]
+        for alias, ours in self.ALIASES.items():
+            value = call[alias]
+            if value is not None:
+                if given.get(ours, value) != value:
+                    raise EditError(f"{ours}={given[ours]} and {alias}={value} disagree; pass one of them")
+                given[ours] = value
+        o = self.options(method, **given)
+        if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[0] > 1:
+            image = list(image)
+        if not isinstance(image, (list, tuple)):
+            return self._one(kind, image, edit, mask, o, progress, generator, callback)
+        n = len(image)
+        edits = edit if isinstance(edit, (list, tuple)) else [edit] * n
+        masks = mask if isinstance(mask, (list, tuple)) else [mask] * n
+        if len(edits) != n or len(masks) != n:
+            raise EditError(f"{n} images but {len(edits)} edit texts and {len(masks)} masks")
+        return [self._one(kind, im, ed, mk, o, progress, generator, callback) for im, ed, mk in zip(image, edits, masks)]
+
+    def _one(self, kind, image, edit, mask, o, progress, generator, callback) -> "EditResult":
+        m = get_method(o.method)
+        if mask is not None and not m.takes_mask:
+            raise EditError(f"method {o.method} edits the whole image and takes no mask")
+        tic = _clock(self.device)
+        img, job = self._job(image, edit, o, progress, mask, generator, callback)
+        if kind == "mask":
+            if not m.makes_mask:
+                raise EditError(f"method {o.method} makes no mask")
+            st = m.mask(self, job)
+            return self._result(img, job, st, None, {"mask_s": _clock(self.device) - tic})
+        out = m.edit(self, job)
+        total = _clock(self.device) - tic
+        finish = job.timings.get("finish_s", 0.0)
+        return self._result(img, job, out.mask, out.image, {"mask_s": total - finish, "finish_s": finish})
+
+    def edit(self, image, edit: str | list[str], mask=None, *, method: str = "instdiffedit",
+             strength: float | None = None, threshold: float | None = None, rounds: int | None = None,
+             steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+             seed: int | None = None, attention: str | None = None, attention_res: int | None = None,
+             gamma1: float | None = None, gamma2: float | None = None, inpaint: bool | None = None,
+             source: str | None = None, keep_unmasked: bool | None = None, num_inference_steps: int | None = None,
+             guidance_scale: float | None = None, generator: torch.Generator | None = None,
+             callback_on_step_end=None, progress: bool = False, **method_options) -> "EditResult | list[EditResult]":
+        """Edit `image` toward the text `edit` (the only prompt) with `method`; returns an EditResult.
+
+        image: a path, PIL image, numpy uint8 H x W x 3 array, or tensor 3 x H x W (float in [0, 1] or
+            [-1, 1]: see `as_image`), or a list of them (or a B x 3 x H x W tensor) for a batch, which
+            returns a list of results. Each image is resized to the model's square size (512 for SD v1.x)
+            and the outputs come back at its own size.
+        edit: the edit text, or one per image of a batch.
+        mask: skips the method's mask: a path, PIL image (e.g. an earlier result's `.mask`), bool or
+            [0, 1] array or tensor H x W (any size; white / True = edit), or one per image.
+        method: a name in methods.REGISTRY: "instdiffedit" (default), "diffedit", "sdedit", ...
+        num_inference_steps, guidance_scale: diffusers' names for `steps` and `guidance`.
+        generator: a CPU torch.Generator to draw all the noise from, instead of one seeded with `seed`.
+        callback_on_step_end: called as f(step, t, state) after every denoising step; `state` is a
+            methods.StepState (stage, latents, the current mask and soft mask, word maps and words).
+        progress: show progress bars.
+        Every other keyword is a method option (None: the method's default); a method's own options
+        (e.g. diffedit_samples) go in **method_options. The options:
+        """
+        return self._run("edit", locals())
+
+    def mask(self, image, edit: str | list[str], *, method: str = "instdiffedit",
+             strength: float | None = None, threshold: float | None = None, rounds: int | None = None,
+             steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+             seed: int | None = None, attention: str | None = None, attention_res: int | None = None,
+             gamma1: float | None = None, gamma2: float | None = None, source: str | None = None,
+             num_inference_steps: int | None = None, guidance_scale: float | None = None,
+             generator: torch.Generator | None = None, callback_on_step_end=None, progress: bool = False,
+             **method_options) -> "EditResult | list[EditResult]":
+        """The mask of `method` alone (InstDiffEdit: stage 1, no inpainting), as an EditResult whose
+        `image` is None. Arguments as for edit(); EditError for a method that makes no mask. The options:
+        """
+        return self._run("mask", locals())
+
+
+def _options_doc() -> str:
+    """The options section of edit() and mask(), from the specs (methods/options.py): defined once."""
+    from methods.options import all_specs
+    lines = []
+    for spec in all_specs().values():
+        rng = f", in {spec.range_text()}" if spec.min is not None or spec.max is not None else ""
+        choices = f", one of {', '.join(spec.choices)}" if spec.choices else ""
+        lines.append(f"            {spec.name} ({spec.type.__name__}, default {spec.default!r}{rng}{choices}): {spec.help}")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+InstDiffEdit.edit.__doc__ += _options_doc()
+InstDiffEdit.mask.__doc__ += _options_doc()
+
+
+def keep_unmasked(original: Image.Image, edited: Image.Image, mask: torch.Tensor) -> Image.Image:
+    """The original pixels outside the mask, the edit inside, blended across a feathered edge: the mask
+    (latent size) upsampled smoothly, cut at 0.5, then blurred by 4 px per 512 px of image (A1111's
+    default mask blur), so no seam shows where the two meet."""
+    from PIL import ImageFilter
+
+    from evaluation.figures import smooth
+    inside = Image.fromarray(((smooth(mask.float(), original.size) > 0.5) * 255).astype("uint8"), "L")
+    feather = inside.filter(ImageFilter.GaussianBlur(max(1.0, 4 * min(original.size) / 512)))
+    return Image.composite(edited, original.convert("RGB"), feather)
 
 
 def _free_memory(device: torch.device) -> int | None:
@@ -475,27 +720,6 @@ def _progress(it, enabled: bool, desc: str):
     return tqdm(it, desc=desc, leave=False, file=sys.stderr)
 
 
-# ---------------------------------------------------------------- pictures for people
-
-def overlay(img: Image.Image, mask: Image.Image) -> Image.Image:
-    red = Image.new("RGB", img.size, (255, 40, 40))
-    return Image.composite(Image.blend(img, red, 0.5), img, mask)
-
-
-def attention_grid(words: list[str], maps: torch.Tensor, P: list[int], cell: int = 128) -> Image.Image:
-    """One labelled tile per word map (with its Eq. 8 position P), side by side."""
-    from PIL import ImageDraw
-    n = max(len(words), 1)
-    grid = Image.new("RGB", (cell * n, cell + 16), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for k, word in enumerate(words):
-        if k < len(maps):
-            grid.paste(map_to_pil(maps[k], (cell, cell)).convert("RGB"), (k * cell, 16))
-        label = f"{word} P={P[k]:+d}" if k < len(P) else word
-        draw.text((k * cell + 2, 2), label[:22], fill=(0, 0, 0))
-    return grid
-
-
 # ---------------------------------------------------------------- CLI
 
 EXAMPLES = """examples:
@@ -512,31 +736,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="instdiffedit.py", description=__doc__.split("\n\n")[0],
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--image", required=True, help="input image (any format PIL reads)")
-    p.add_argument("--edit", required=True, help='edit text, the only prompt (e.g. "a raccoon")')
+    p.add_argument("--image", nargs="+", default=None,
+                   help="input image(s): files, folders or globs (any format PIL reads); several images are a "
+                        "batch: models load once, one output folder per image under --out")
+    p.add_argument("--edit", default=None, help='edit text, the only prompt (e.g. "a raccoon")')
     p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument("--replay", default=None, metavar="RUN_JSON",
+                   help="rerun what a run.json records and report whether the outputs match")
+    p.add_argument("--save-steps", action="store_true", help="also write steps.png: the soft mask at every step")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"SD v1.x: hub id, diffusers folder or single file, or 'toy' (default: {DEFAULT_MODEL})")
     p.add_argument("--inpaint-model", default=None,
                    help=f"inpainting UNet source (default: {DEFAULT_INPAINT_MODEL}; the toy one with --model toy)")
-    p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or hub id replacing the model's own (default: the model's; a single "
+                        "file uses the CLIP vocabulary bundled with the package, so it works offline)")
+    p.add_argument("--device", default=None, help="cuda, mps, cpu, cuda:1, ... (default: cuda, else mps, else cpu)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on cuda/mps, fp32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets (once per input shape)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the stage-1 and inpainting steps from CUDA graphs (CUDA, --sampler lms)")
     p.add_argument("--offload", action="store_true",
-                   help="keep only the model in use on the GPU, the others on the CPU (8 GB cards; slower)")
+                   help="keep only the UNet in use on the GPU, the other on the CPU (8 GB cards; slower)")
     p.add_argument("--channels-last", action="store_true",
                    help="UNets in channels-last memory format (not measured to help here; off by default)")
     p.add_argument("--mask", default=None, help="use this mask (white = edit) instead of generating one")
     p.add_argument("--save-attention", action="store_true", help="also write the labelled per-word attention maps")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or per-image lines (a batch still ends with its summary line)")
     add_arguments(p)  # --method and every method's options, from their specs (methods/options.py)
     return p
 
 
-OUTPUTS = ("edited.png", "mask.png", "soft_mask.png", "overlay.png", "attention.png", "run.json")
+OUTPUTS = ("edited.png", "mask.png", "soft_mask.png", "overlay.png", "attention.png", "steps.png", "run.json")
 
 
 def _resolved(p: Path) -> Path:
@@ -585,9 +818,14 @@ def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"  # the CLI's warnings: one line
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.replay and (not args.image or args.edit is None):
+        parser.error("--image and --edit are required (or --replay RUN_JSON)")
     try:
-        return run(args)
+        return run(args, argv)
     except (EditError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -622,9 +860,77 @@ def _internal(e: BaseException) -> int:
     return 3
 
 
-def run(args) -> int:
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def expand_images(specs: list[str]) -> tuple[list[Path], bool]:
+    """--image values -> image files, and whether this is a batch (a folder, a glob or several values).
+    A folder gives its image files (by suffix, sorted); a pattern that is not a file is a glob."""
+    import glob
+    files: list[Path] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise EditError(f"{spec}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
+        elif not p.exists() and glob.has_magic(spec):
+            found = sorted(Path(f) for f in glob.glob(spec) if Path(f).is_file())
+            if not found:
+                raise EditError(f"{spec}: matches no file")
+            files += found
+        else:
+            files.append(p)  # a missing file is reported with the other per-image errors
+    unique = list(dict.fromkeys(files))
+    one = specs[0]
+    batch = len(specs) > 1 or Path(one).is_dir() or (not Path(one).exists() and glob.has_magic(one))
+    return unique, batch
+
+
+def output_folders(images: list[Path], out: Path) -> list[Path]:
+    """One folder per image under --out, named after the image (name-2, name-3, ... for repeats)."""
+    seen: dict[str, int] = {}
+    outs = []
+    for im in images:
+        n = seen[im.stem] = seen.get(im.stem, 0) + 1
+        outs.append(out / (im.stem if n == 1 else f"{im.stem}-{n}"))
+    return outs
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pixels_sha256(img: Image.Image) -> str:
+    """Hash of an image's mode, size and pixels: equal outputs hash equal whatever PNG encoder wrote them."""
+    import hashlib
+    return hashlib.sha256(f"{img.mode}{img.size}".encode() + img.tobytes()).hexdigest()
+
+
+def model_hashes(pipe: "InstDiffEdit") -> dict[str, dict[str, str]]:
+    """sha256 of the weight files of each local or bundled model (hub models are pinned by their revision)."""
+    out = {}
+    for role, r in pipe.sources.items():
+        if r.revision is None:
+            files = [r.path] if r.path.is_file() else sorted(f for f in r.path.rglob("*")
+                                                             if f.suffix in (".safetensors", ".ckpt", ".bin"))
+            out[role] = {str(f.relative_to(r.path) if f != r.path else f.name): sha256_file(f) for f in files}
+    return out
+
+
+def run(args, argv: list[str]) -> int:
+    if args.replay:
+        return replay(Path(args.replay), args)
     t_start = time.perf_counter()
-    image, out = Path(args.image), Path(args.out)
+    images, batch = expand_images(args.image)
+    root = Path(args.out)
+    outs = output_folders(images, root) if batch else [root]
     if not args.edit.strip():
         raise EditError("--edit is empty")
     check_text(args.edit, "--edit")
@@ -634,16 +940,16 @@ def run(args) -> int:
     method = get_method(args.method)
     if not opts.inpaint and args.mask:
         raise EditError("--no-inpaint decodes the stage-1 result, which --mask skips: use one of them")
-    _check_out(out, [image] + ([Path(args.mask)] if args.mask else []), args.overwrite)
-    img = load_image(image)
-    user_mask = load_mask(args.mask, img.size) if args.mask else None
-    model, inpaint_model = args.model, args.inpaint_model
-    if model == "toy":
-        model, inpaint_model = TOY_MODEL, inpaint_model or TOY_INPAINT_MODEL
-    inpaint_model = inpaint_model or DEFAULT_INPAINT_MODEL
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    for image, out in zip(images, outs):  # every output clash before loading anything
+        _check_out(out, [image] + ([Path(args.mask)] if args.mask else []), args.overwrite)
+    if args.mask and not Path(args.mask).is_file():
+        raise EditError(f"{args.mask}: no such file")
+    if not batch:
+        load_image(images[0])  # a single bad input: its one-line error before the models load
+    model = args.model
+    inpaint_model = args.inpaint_model or default_inpaint_model(model)
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     if args.cuda_graphs and torch.device(device).type != "cuda":
         raise EditError(f"--cuda-graphs needs a CUDA device (--device {device})")
     if args.cuda_graphs and opts.sampler != "lms":
@@ -652,47 +958,173 @@ def run(args) -> int:
     tic = time.perf_counter()
     needs_inpaint = opts.inpaint and method.uses_inpaint
     pipe = InstDiffEdit.from_pretrained(model, inpaint_model if needs_inpaint else None, device, dtype, args.compile,
-                                        args.cuda_graphs, args.offload, args.channels_last)
+                                        tokenizer=args.tokenizer, cuda_graphs=args.cuda_graphs, offload=args.offload,
+                                        channels_last=args.channels_last)
     load_s = time.perf_counter() - tic
     tokens = pipe.tokenizer._body(args.edit)[1]  # the uncut count (tokens() is already cut to 75)
     if tokens > 75:
         print(f"warning: the edit text has {tokens} tokens; only the first 75 are used", file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="prompt has .* tokens")  # warned once just above
-        res = pipe.edit(img, args.edit, mask=user_mask, progress=not args.quiet, method=args.method, **given)
+    shared = {"model": model, "inpaint_model": inpaint_model if needs_inpaint else None,
+              "command": ["instdiffedit", *argv], "argv": argv, "code_commit": code_commit(),
+              "models": model_record(pipe), "model_sha256": model_hashes(pipe), "versions": versions(pipe.device),
+              "load_s": load_s}
+    failed = []
+    for k, (image, out) in enumerate(zip(images, outs)):
+        try:
+            secs = edit_one(pipe, image, out, args, opts, given, shared)
+        except Exception as e:  # in a batch any failure is this image's: report it, go on with the rest
+            if not batch:
+                raise
+            failed.append(image)
+            msg = " ".join(str(e).split()) if isinstance(e, (EditError, WeightsError, OSError)) \
+                else f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            print(f"error: {msg if str(image) in msg else f'{image}: {msg}'}", file=sys.stderr)
+            continue
+        if not args.quiet:
+            made = ", ".join(n for n in OUTPUTS if (out / n).is_file())
+            print(f"{f'[{k + 1}/{len(images)}] ' if batch else ''}wrote {out}/: {made}  ({secs:.1f} s)")
+    if batch:
+        print(f"{len(images) - len(failed)}/{len(images)} images edited into {root}/, {len(failed)} failed"
+              + (f" ({', '.join(str(f) for f in failed[:5])}{', ...' if len(failed) > 5 else ''})" if failed else "")
+              + f"  ({time.perf_counter() - t_start:.1f} s)", file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0
 
-    record = {
-        "image": str(image), "edit": args.edit, "model": model,
-        "inpaint_model": inpaint_model if needs_inpaint else None, "mask_file": args.mask,
-        "options": opts.as_dict(), "unet_evals": res.unet_evals, "unet_evals_by_model": res.unet_evals_by_model,
-        "device": str(pipe.device), "dtype": str(dtype).removeprefix("torch."),
-        "compile": args.compile, "cuda_graphs": args.cuda_graphs, "offload": args.offload,
-        "channels_last": args.channels_last, "vae_fp32_decodes": pipe.vae_fp32_decodes,
-        "words": res.words, "P": res.P,
-        "timings_s": {"load": round(load_s, 3), **{k: round(v, 3) for k, v in res.timings.items()},
-                      "total": round(time.perf_counter() - t_start, 3)},
-        "versions": _versions(),
-    }
-    files = {"edited.png": res.image.save, "mask.png": res.mask.save, "soft_mask.png": res.soft_mask.save,
-             "overlay.png": overlay(img, res.mask).save}
+
+def edit_one(pipe: InstDiffEdit, image: Path, out: Path, args, opts: EditOptions, given: dict, shared: dict) -> float:
+    """Edit one image and write its output folder (all files or none); returns the seconds it took."""
+    tic = time.perf_counter()
+    img = load_image(image)
+    user_mask = load_mask(args.mask, img.size) if args.mask else None
+    steps: list = []
+    keep = (lambda i, t, st: steps.append((st.soft.float().cpu(), st.mask.cpu())) if st.stage == "mask" else None) \
+        if args.save_steps else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="prompt has .* tokens")  # the CLI warned once
+        res = pipe.edit(img, args.edit, mask=user_mask, progress=not args.quiet, method=args.method,
+                        callback_on_step_end=keep, **given)
+    pictures = {"edited.png": res.image, "mask.png": res.mask, "soft_mask.png": res.soft_mask,
+                "overlay.png": mask_outline(img, res.mask_latent)}
     if args.save_attention and res.words:
-        files["attention.png"] = attention_grid(res.words, res.word_maps, res.P).save
+        pictures["attention.png"] = attention_figure(img, res.words, res.word_maps, res.P)
+    if steps:
+        pictures["steps.png"] = steps_strip(img, [soft for soft, _ in steps], [m for _, m in steps])
+    record = {
+        "image": str(image), "image_sha256": sha256_file(image), "edit": args.edit,
+        "mask_file": args.mask, "mask_sha256": sha256_file(Path(args.mask)) if args.mask else None,
+        "method": args.method, "options": opts.as_dict(), "device": str(pipe.device),
+        "dtype": str(pipe.dtype).removeprefix("torch."), "compile": args.compile, "cuda_graphs": args.cuda_graphs,
+        "offload": args.offload, "channels_last": args.channels_last, "vae_fp32_decodes": pipe.vae_fp32_decodes,
+        "unet_evals": res.unet_evals, "unet_evals_by_model": res.unet_evals_by_model, "words": res.words, "P": res.P,
+        "outputs_sha256": {name: pixels_sha256(p) for name, p in pictures.items()
+                           if name in ("edited.png", "mask.png", "soft_mask.png")},
+        **{k: v for k, v in shared.items() if k != "load_s"},
+        "timings_s": {"load": round(shared["load_s"], 3), **{k: round(v, 3) for k, v in res.timings.items()},
+                      "total": round(shared["load_s"] + time.perf_counter() - tic, 3)},  # a batch loads once
+    }
+    _write_outputs(out, pictures, record)
+    return time.perf_counter() - tic
+
+
+def _write_outputs(out: Path, pictures: dict[str, Image.Image], record: dict) -> None:
+    """All or nothing: the new set replaces the previous one in one atomic switch (outset.py)."""
+    files: dict = {name: picture.save for name, picture in pictures.items()}
     files["run.json"] = (json.dumps(record, indent=2) + "\n").encode()
-    # all or nothing: the new set replaces the previous one in one atomic switch (outset.py)
     outset.publish(out, files, legacy=OUTPUTS)
-    if not args.quiet:
-        print(f"wrote {out}/edited.png, mask.png, soft_mask.png, overlay.png"
-              + (", attention.png" if args.save_attention and res.words else "") + ", run.json"
-              + f"  ({record['timings_s']['total']:.1f} s)")
+
+
+def replay(path: Path, args) -> int:
+    """Rerun the edit a run.json records, into a temporary folder, and say whether the outputs match."""
+    try:
+        rec = json.loads(path.read_text())
+        argv = list(rec["argv"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise EditError(f"{path}: not a run.json of instdiffedit (no argv)") from None
+    notes = []
+    image = Path(rec["image"])
+    if not image.is_file():
+        raise EditError(f"{path}: its input {image} is gone")
+    if sha256_file(image) != rec.get("image_sha256"):
+        notes.append(f"input {image} has changed since the run")
+    if rec.get("mask_file") and sha256_file(Path(rec["mask_file"])) != rec.get("mask_sha256"):
+        notes.append(f"mask {rec['mask_file']} has changed since the run")
+    if rec.get("code_commit") and rec["code_commit"] != code_commit():
+        notes.append(f"code {code_commit()} differs from the run's {rec['code_commit']}")
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="instdiffedit-replay-") as tmp:
+        again = build_parser().parse_args(_replace_flag(_replace_flag(argv, "--image", [str(image)]),
+                                                        "--out", [tmp]) + ["--overwrite", "--quiet"])
+        again.device = args.device or rec.get("device")
+        code = run(again, argv)
+        if code:
+            return code
+        new = json.loads((Path(tmp) / "run.json").read_text())
+    for role, m in rec.get("models", {}).items():
+        now = new["models"].get(role, {})
+        if m.get("revision") != now.get("revision"):
+            notes.append(f"{role} {m.get('source')}: revision {now.get('revision')} (run: {m.get('revision')})")
+    if rec.get("model_sha256") != new.get("model_sha256"):
+        notes.append("local model files differ from the run's (model_sha256)")
+    diff = [n for n, h in rec.get("outputs_sha256", {}).items() if new["outputs_sha256"].get(n) != h]
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if diff:
+        print(f"replay of {path}: outputs DIFFER ({', '.join(diff)})")
+        return 1
+    print(f"replay of {path}: outputs match ({', '.join(rec.get('outputs_sha256', {}))} identical pixels)")
     return 0
 
 
-def _versions() -> dict[str, str]:
+def _replace_flag(argv: list[str], flag: str, values: list[str]) -> list[str]:
+    """argv without `flag` and its values (up to the next --option), then `flag values`."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith(flag + "="):
+            i += 1
+        elif argv[i] == flag:
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+        else:
+            out.append(argv[i])
+            i += 1
+    return out + [flag, *values]
+
+
+def versions(device: torch.device | None = None) -> dict[str, str | None]:
+    """Library versions, and the CUDA build and GPU name when running on one (for run.json, config.json)."""
+    import huggingface_hub
+    import numpy
     import PIL
     import safetensors
     import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__, "pillow": PIL.__version__}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "numpy": numpy.__version__, "transformers": transformers.__version__,
+           "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__,
+           "pillow": PIL.__version__}
+    if device is not None and device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def code_commit() -> str | None:
+    """The git commit of the code that runs (with "+dirty" for uncommitted changes); None outside a checkout."""
+    import subprocess
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0 or Path(head.stdout.split()[0]).resolve() != here:
+            return None  # not a checkout of this code (e.g. installed into a venv inside some repository)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.split()[1] + ("+dirty" if dirty else "")
+
+
+def model_record(pipe: "InstDiffEdit") -> dict[str, dict]:
+    """Each model's source as given, its hub revision (snapshot commit) and local path."""
+    return {role: {"source": r.source, "revision": r.revision, "path": str(r.path)} for role, r in pipe.sources.items()}
 
 
 if __name__ == "__main__":

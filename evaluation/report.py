@@ -2,7 +2,9 @@
 
     python -m evaluation.report RUN_DIR [RUN_DIR ...] [--out report]
 
-Prints a Markdown table and writes ``<out>.md`` and ``<out>.csv`` (default ``report``).
+Prints a Markdown table and writes ``<out>.md`` and ``<out>.csv`` (default: ``report`` in the run
+folder, or in the folder holding all the runs), with each run's settings (config.json) under the
+table; incomplete runs are marked, and a run without summary.json is summarised from its item files.
 Columns as in the paper's Table 1 (Editing-Mask part): method, seconds per edit, IoU (%),
 C_m (%), C_non (%), rate; then the number of done items, and LPIPS / CLIPScore columns when a
 summary has them. Summaries store fractions; the table prints IoU, C_m and C_non in percent
@@ -18,6 +20,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,14 +44,45 @@ OPTIONAL_COLUMNS = [
 
 
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The run's summary.json; without one (a run killed before writing it), its numbers are computed
+    from the per-item files and the run is marked incomplete. config.json, when present, is `config`."""
     p = Path(run_dir)
     path = p if p.is_file() else p / "summary.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no summary.json in {run_dir}")
-    summary = json.loads(path.read_text(encoding="utf-8"))
+    folder = path.parent
+    if path.is_file():
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    elif folder.is_dir() and any(folder.glob("*/metrics.json")):
+        from .runner import load_rows, summarize
+        summary = {**summarize(load_rows(folder)), "complete": False, "no_summary": True}
+        summary["n_done"] = summary["n_rows"]
+    else:
+        raise FileNotFoundError(f"no summary.json or item results in {run_dir}")
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        summary["config"] = json.loads(cfg.read_text(encoding="utf-8"))
     if not summary.get("method"):
-        summary["method"] = path.resolve().parent.name
+        summary["method"] = folder.resolve().name
+    if not summary.get("complete", True):
+        n = summary.get("n_items")
+        summary["method"] += f" (incomplete: {summary.get('n_done')}/{n if n is not None else '?'})"
     return summary
+
+
+def settings_lines(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """One Markdown bullet per run: models with revisions, dtype, every option, code commit."""
+    out = []
+    for s in summaries:
+        cfg = s.get("config")
+        if not cfg:
+            out.append(f"- **{s['method']}**: no config.json (a run from before settings were recorded)")
+            continue
+        ident = cfg.get("identity", {})
+        models = ", ".join(f"{role} {m['source']}" + (f"@{m['revision'][:10]}" if m.get("revision") else "")
+                           for role, m in ident.get("models", {}).items())
+        opts = " ".join(f"{k}={v}" for k, v in ident.get("options", {}).items())
+        out.append(f"- **{s['method']}**: {models}; {ident.get('dtype')}; {opts}; list {ident.get('list', {}).get('file')}"
+                   f"; code {cfg.get('code_commit') or 'unknown'}")
+    return out
 
 
 def _fmt(value: Any, scale: float | None, decimals: int | None) -> str:
@@ -115,17 +149,27 @@ def format_csv(summaries: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_report(run_dirs: Sequence[str | Path], out: str | Path = "report") -> str:
-    """Load the summaries, write ``<out>.md`` and ``<out>.csv``; return the Markdown table."""
+def default_out(run_dirs: Sequence[str | Path]) -> Path:
+    """report in the run folder (one run), or in the folder that holds all the runs."""
+    dirs = [Path(d).resolve() if Path(d).is_dir() else Path(d).resolve().parent for d in run_dirs]
+    return (dirs[0] if len(dirs) == 1 else Path(os.path.commonpath(dirs))) / "report"
+
+
+def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> str:
+    """Load the summaries, write ``<out>.md`` and ``<out>.csv`` (default: `default_out`); return the table."""
     summaries = [load_summary(d) for d in run_dirs]
     header, rows = report_rows(summaries)
     table = format_markdown(header, rows)
-    out = Path(out)
+    out = Path(out) if out is not None else default_out(run_dirs)
     out.parent.mkdir(parents=True, exist_ok=True)
+    incomplete = [s["method"] for s in summaries if not s.get("complete", True)]
     md = (
         "# InstDiffEdit evaluation (Table 1 layout)\n\n"
         "IoU, C_m, C_non in percent; rate = mean C_m / mean C_non; time = mean seconds per edit "
         "as reported by each method.\n\n" + table
+        + (f"\n**Incomplete runs** (their means cover the done items only): {', '.join(incomplete)}\n"
+           if incomplete else "")
+        + "\n## Settings\n\n" + "\n".join(settings_lines(summaries)) + "\n"
     )
     out.with_suffix(".md").write_text(md, encoding="utf-8")
     out.with_suffix(".csv").write_text(format_csv(summaries), encoding="utf-8")
@@ -135,7 +179,8 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path = "report") -> 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evaluation.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s) with summary.json")
-    ap.add_argument("--out", default="report", help="output path prefix: writes OUT.md and OUT.csv")
+    ap.add_argument("--out", default=None, help="output path prefix: writes OUT.md and OUT.csv "
+                    "(default: RUN_DIR/report for one run, else report in the folder holding the runs)")
     args = ap.parse_args(argv)
     try:
         table = write_report(args.run_dirs, args.out)
@@ -143,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(table, end="")
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out(args.run_dirs)
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
     return 0
 

@@ -42,10 +42,12 @@ Conventions:
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import socket
 import tempfile
 import time
 import warnings
@@ -58,13 +60,16 @@ from PIL import Image
 from .datasets import EditItem, find_image, find_mask, safe_id
 from .metrics import EditMetrics, change_rates, mask_iou, to_bool_mask
 
-__all__ = ["run_dataset", "summarize", "load_rows", "EditFn"]
+__all__ = ["run_dataset", "summarize", "load_rows", "collect_summary", "ensure_config", "RunConflict", "EditFn"]
 
 EditFn = Callable[[Image.Image, EditItem], "tuple[Image.Image, Any, float]"]
 
 METRICS_JSON = "metrics.json"
 EDITED_PNG = "edited.png"
 MASK_PNG = "mask.png"
+CONFIG_JSON = "config.json"  # the run's settings, written on its first start
+CLAIM = ".claim"             # in an item folder while a process computes it (host, pid, time)
+ERROR_JSON = "error.json"    # the item's last failure (on_error="record"), removed once it succeeds
 
 
 # ----------------------------------------------------------------------------- atomic io
@@ -128,8 +133,8 @@ def _resize_mask(mask: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     return np.asarray(im.resize(size_wh, Image.Resampling.NEAREST)) > 127
 
 
-def _item_done(item_dir: Path, item: EditItem) -> dict[str, Any] | None:
-    """The item's stored row if it is complete, else None."""
+def _item_done(item_dir: Path, item: EditItem, cid: str | None = None) -> dict[str, Any] | None:
+    """The item's stored row if it is complete (under the run's settings `cid`, when given), else None."""
     mj = item_dir / METRICS_JSON
     if not mj.is_file():
         return None
@@ -138,6 +143,8 @@ def _item_done(item_dir: Path, item: EditItem) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if not isinstance(row, dict) or row.get("id") != item.id:
+        return None
+    if cid is not None and row.get("config_id") != cid:
         return None
     files = row.get("files") or [EDITED_PNG]
     if not all((item_dir / f).is_file() for f in files):
@@ -150,13 +157,14 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def load_rows(out_dir: str | Path, items: Sequence[EditItem] | None = None) -> list[dict[str, Any]]:
+def load_rows(out_dir: str | Path, items: Sequence[EditItem] | None = None,
+              cid: str | None = None) -> list[dict[str, Any]]:
     """Rows of done items: in ``items`` order when given, else every ``*/metrics.json``."""
     out_dir = Path(out_dir)
     rows = []
     if items is not None:
         for item in items:
-            row = _item_done(out_dir / safe_id(item.id), item)
+            row = _item_done(out_dir / safe_id(item.id), item, cid)
             if row is not None:
                 rows.append(row)
         return rows
@@ -216,6 +224,141 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     _atomic_write_text(path, buf.getvalue())
 
 
+# ----------------------------------------------------------------------------- run settings and claims
+class RunConflict(ValueError):
+    """The run folder was started with other settings (config.json); resuming would mix two runs."""
+
+
+def config_id(config: dict[str, Any]) -> str:
+    """Short hash of a run's identity (the settings that change results); stamped on every item row."""
+    text = json.dumps(_json_clean(config["identity"]), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if old == new else [f"{path} {old!r} -> {new!r}"]
+
+
+def ensure_config(out_dir: Path, config: dict[str, Any], force: bool = False) -> str:
+    """Write config.json on the first run; refuse another identity unless `force` (which starts the
+    folder over under the new settings: items done under the old ones are recomputed)."""
+    path = out_dir / CONFIG_JSON
+    config = _json_clean(config)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {"identity": None}
+        diff = _differences(old.get("identity"), config["identity"])
+        if not diff:
+            return config_id(config)
+        if not force:
+            raise RunConflict(f"{out_dir} holds a run with other settings ({'; '.join(diff[:4])}"
+                              + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+                              + "): use another --out, or --force to start it over with these")
+    _atomic_write_text(path, _dump_json({**config, "config_id": config_id(config)}))
+    return config_id(config)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(item_dir: Path) -> bool:
+    """Take the item for this process (an O_EXCL claim file); False when another live process has it.
+    A claim left by a dead process on this host is taken over; a crashed host's claims must be deleted."""
+    item_dir.mkdir(parents=True, exist_ok=True)
+    path = item_dir / CLAIM
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                other = json.loads(path.read_text(encoding="utf-8"))
+                stale = other.get("host") == me["host"] and not _pid_alive(int(other.get("pid", -1)))
+            except (OSError, ValueError):  # empty: its writer died between open and write, or is writing now
+                stale = time.time() - path.stat().st_mtime > 60 if path.exists() else True
+            if not stale:
+                return False
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def _release(item_dir: Path) -> None:
+    (item_dir / CLAIM).unlink(missing_ok=True)
+    try:
+        item_dir.rmdir()  # only when nothing was written: a failed item leaves no folder
+    except OSError:
+        pass
+
+
+def collect_summary(items: Sequence[EditItem], out_dir: Path, image_dir: Path, mask_dir: Path | None,
+                    cid: str | None, **this_process: Any) -> dict[str, Any]:
+    """summary.json from the per-item files alone, so any process (or rank) writes the same one."""
+    rows = load_rows(out_dir, items, cid)
+    done = {r["id"] for r in rows}
+    missing = [it.id for it in items if it.id not in done and find_image(it, image_dir) is None]
+    missing_masks = [it.id for it in items if mask_dir is not None and it.mask_file is not None
+                     and find_image(it, image_dir) is not None and find_mask(it, mask_dir) is None]
+    failed = []
+    for it in items:
+        ej = out_dir / safe_id(it.id) / ERROR_JSON
+        if it.id not in done and ej.is_file():
+            try:
+                err = json.loads(ej.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if err.get("config_id") == cid:
+                failed.append({"id": it.id, "error": err.get("error")})
+    claimed = [it.id for it in items if it.id not in done and (out_dir / safe_id(it.id) / CLAIM).exists()]
+    _write_csv(out_dir / "metrics.csv", rows)
+    summary = {
+        "complete": len(rows) == len(items),
+        "n_items": len(items),
+        "n_done": len(rows),
+        "n_in_progress": len(claimed),
+        "n_missing": len(missing),
+        "n_missing_masks": len(missing_masks),
+        "n_failed": len(failed),
+        "n_skipped": len(missing) + len(failed),
+        "config_id": cid,
+        "image_dir": str(image_dir),
+        "mask_dir": str(mask_dir) if mask_dir is not None else None,
+        **this_process,
+        **summarize(rows),
+        "missing": missing,
+        "missing_masks": missing_masks,
+        "failed": failed,
+        "in_progress": claimed,
+    }
+    summary = _json_clean(summary)  # the returned dict equals the file (inf/nan -> None)
+    _atomic_write_text(out_dir / "summary.json", _dump_json(summary))
+    return summary
+
+
+def _eta(done: int, total: int, elapsed: float) -> str:
+    if not done:
+        return "?"
+    left = elapsed / done * (total - done)
+    return f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+
+
 # ----------------------------------------------------------------------------- runner
 def run_dataset(
     items: Sequence[EditItem],
@@ -230,13 +373,22 @@ def run_dataset(
     on_error: str = "raise",
     limit: int | None = None,
     verbose: bool = False,
+    config: dict[str, Any] | None = None,
+    force: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
     """Run ``edit_fn`` over ``items``, resumably; returns the summary (also in summary.json).
 
     ``method`` names the run in reports (default: ``out_dir``'s folder name).
     ``extra_metrics(source, edited, item) -> dict`` adds columns (e.g.
     :func:`evaluation.metrics.optional_metrics`). ``limit`` stops after that many items have
-    been computed in this call (handy for smoke runs)."""
+    been computed in this call (handy for smoke runs).
+
+    ``config`` ({"identity": settings that change results, ...anything else to record}) is written to
+    config.json on the first run; a later run with another identity raises RunConflict unless
+    ``force``. ``shard=(i, n)`` takes items i, i+n, i+2n, ...; every item is also claimed (a claim
+    file) before it is computed, so processes sharing ``out_dir`` never compute one item twice. The
+    summary counts the whole list from the per-item files, whichever process writes it."""
     if on_error not in ("raise", "record"):
         raise ValueError("on_error must be 'raise' or 'record'")
     image_dir, out_dir = Path(image_dir), Path(out_dir)
@@ -249,65 +401,51 @@ def run_dataset(
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"items map to the same output folder: {dup[:5]}")
+    k, n_shards = shard
+    if not 0 <= k < n_shards:
+        raise ValueError(f"shard {k}/{n_shards}: want 0 <= i < N")
     out_dir.mkdir(parents=True, exist_ok=True)
+    cid = ensure_config(out_dir, config, force) if config is not None else None
 
-    missing: list[str] = []
-    missing_masks: list[str] = []
-    failed: list[dict[str, str]] = []
-    n_computed = n_resumed = n_resized = 0
+    mine = list(items)[k::n_shards]
+    n_computed = n_resumed = n_resized = n_other = 0
     finished = False
     t_start = time.perf_counter()
+    todo = [it for it in mine if _item_done(out_dir / safe_id(it.id), it, cid) is None]
+    n_resumed = len(mine) - len(todo)
 
     def write_summary() -> dict[str, Any]:
-        rows = load_rows(out_dir, items)
-        _write_csv(out_dir / "metrics.csv", rows)
-        summary = {
-            "method": method or out_dir.resolve().name,
-            "complete": len(rows) == len(items),
-            "interrupted": not finished,
-            "n_items": len(items),
-            "n_done": len(rows),
-            "n_computed": n_computed,
-            "n_skipped_done": n_resumed,
-            "n_missing": len(missing),
-            "n_missing_masks": len(missing_masks),
-            "n_failed": len(failed),
-            "n_skipped": len(missing) + len(failed),
-            "resized_outputs": n_resized,
-            "image_size": image_size,
-            "image_dir": str(image_dir),
-            "mask_dir": str(mask_dir) if mask_dir is not None else None,
-            "elapsed_seconds": time.perf_counter() - t_start,
-            **summarize(rows),
-            "missing": missing,
-            "missing_masks": missing_masks,
-            "failed": failed,
-        }
-        summary = _json_clean(summary)  # the returned dict equals the file (inf/nan -> None)
-        _atomic_write_text(out_dir / "summary.json", _dump_json(summary))
-        return summary
+        return collect_summary(items, out_dir, image_dir, mask_dir, cid, method=method or out_dir.resolve().name,
+                               interrupted=not finished, shard=f"{k}/{n_shards}", n_computed=n_computed,
+                               n_skipped_done=n_resumed, n_taken_by_others=n_other, resized_outputs=n_resized,
+                               image_size=image_size, elapsed_seconds=time.perf_counter() - t_start)
 
+    current: Path | None = None
     try:
-        for item in items:
+        for item in todo:
             item_dir = out_dir / safe_id(item.id)
-            if _item_done(item_dir, item) is not None:
-                n_resumed += 1
-                continue
             if limit is not None and n_computed >= limit:
                 break
             img_path = find_image(item, image_dir)
             if img_path is None:
                 warnings.warn(f"missing image for item {item.id!r}: {item.image_file!r} not in {image_dir}")
-                missing.append(item.id)
                 continue
             gt_path = find_mask(item, mask_dir)
             if mask_dir is not None and item.mask_file is not None and gt_path is None:
                 warnings.warn(f"missing human mask for item {item.id!r} in {mask_dir}")
-                missing_masks.append(item.id)
             inputs = {p.resolve() for p in (img_path, gt_path) if p is not None}
             outs = [item_dir / n for n in (EDITED_PNG, MASK_PNG, METRICS_JSON)]
             if any(o.resolve() in inputs for o in outs):
                 raise ValueError(f"output for {item.id!r} would overwrite an input file")
+            if not _claim(item_dir):
+                n_other += 1  # another process is computing it
+                continue
+            current = item_dir
+            if _item_done(item_dir, item, cid) is not None:  # finished by another process meanwhile
+                n_other += 1
+                _release(item_dir)
+                current = None
+                continue
 
             source = _load_rgb(img_path, image_size)
             t0 = time.perf_counter()
@@ -317,7 +455,10 @@ def run_dataset(
                 if on_error == "raise":
                     raise
                 warnings.warn(f"edit_fn failed on item {item.id!r}: {exc!r}")
-                failed.append({"id": item.id, "error": repr(exc)})
+                _atomic_write_text(item_dir / ERROR_JSON, _dump_json({"id": item.id, "error": repr(exc),
+                                                                       "config_id": cid}))
+                _release(item_dir)
+                current = None
                 continue
             wall = time.perf_counter() - t0
             if not isinstance(edited, Image.Image):
@@ -359,15 +500,23 @@ def run_dataset(
                     "edit_text": item.edit_text,
                     "line_no": item.line_no,
                     "files": files,
+                    "config_id": cid,
                 }
             )
             _atomic_write_text(item_dir / METRICS_JSON, _dump_json(out_row))  # last: marks done
+            (item_dir / ERROR_JSON).unlink(missing_ok=True)
+            _release(item_dir)
+            current = None
             n_computed += 1
             if verbose:
-                print(f"[{n_computed}] {item.id}: {float(seconds):.2f}s iou={row.iou} c_m={row.c_m}", flush=True)
+                el = time.perf_counter() - t_start
+                print(f"[{n_computed}/{len(todo)}] {item.id}: {float(seconds):.2f}s iou={row.iou} c_m={row.c_m}"
+                      f"  elapsed {el:.0f}s, ETA {_eta(n_computed + n_other, len(todo), el)}", flush=True)
         else:
             finished = True
     except BaseException:
+        if current is not None:
+            _release(current)
         try:  # record what is done, but never mask the original error
             write_summary()
         except Exception as exc:  # pragma: no cover

@@ -8,7 +8,7 @@ calls `method.edit(pipe, job)` (or `method.mask(pipe, job)` for pipe.mask()) wit
            pipe.sampler(o) (a fresh sampler with its timesteps set), pipe.noised(x0, o, gen, n),
            pipe.unet_cfg(unet, sampler, x, i, t, emb, guidance) (the one counted UNet call),
            pipe.finish(job, mask) (the inpainting finish), pipe.progress(iterable, job.progress, label),
-           pipe.run_steps(step, sampler, indices, unet) (a loop written as an in-place step function,
+           pipe.run_steps(step, sampler, indices, unet, eager) (a loop written as an in-place step function,
            run eagerly or replayed from a CUDA graph: model/runtime.py; stage 1 of instdiffedit.py)
     job    one edit: the source x0, the edit text and its embedding, the validated options o, the seeded
            CPU generator gen (draw all noise from it), a user mask if one was given
@@ -48,6 +48,18 @@ class Job:
     mask: torch.Tensor | None = None  # user mask, bool at latent size: skips the method's own mask
     progress: bool = False    # show progress bars
     timings: dict[str, float] = field(default_factory=dict)  # pipe.finish records finish_s here
+    callback: object = None   # f(step, t, StepState) after every denoising step (callback_on_step_end)
+
+
+@dataclass
+class StepState:
+    """What callback_on_step_end sees after a denoising step (tensors on the pipeline's device; read only)."""
+    stage: str                # "mask" (InstDiffEdit's stage 1, after Eq. 5) or "inpaint" (the finish)
+    latents: torch.Tensor     # (batch, C, h, w) latents after the step
+    mask: torch.Tensor        # (h, w) bool: the current mask (the finish: its fixed mask)
+    soft: torch.Tensor        # (h, w) float: the current soft mask
+    word_maps: torch.Tensor | None = None  # (words, h, w) maps so far (stage "mask")
+    words: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +89,8 @@ class Method:
     makes_mask: ClassVar[bool] = True        # pipe.mask() works; benchmarks score the mask's IoU
     needs_source: ClassVar[bool] = False     # needs a text describing the input image (option `source`)
     uses_inpaint: ClassVar[bool] = True      # finishes with the inpainting UNet (the CLI loads it)
+    takes_mask: ClassVar[bool] = True        # a user mask replaces (LEDITS++: weights) the method's own
+    samplers: ClassVar[tuple[str, ...] | None] = None  # the samplers it runs with (None: any)
 
     @classmethod
     def option_specs(cls) -> dict[str, Option]:

@@ -43,7 +43,7 @@ import torch
 from sampler import cfg
 
 from .base import Edited, Job, Method, register
-from .options import EditError, EditOptions, Option
+from .options import EditOptions, Option
 
 ETA = Option("cycle_eta", float, 0.1, "CycleDiffusion: DDIM eta of its encoder and decoder (official and diffusers: "
              "0.1)", 0, 1, min_open=True)
@@ -104,19 +104,13 @@ class CycleDiffusion(Method):
     options = (ETA, SOURCE_GUIDANCE)
     defaults = {"steps": 99, "strength": 0.7, "guidance": 3.0, "sampler": "ddim"}  # the official code's
     makes_mask = False
+    samplers = ("ddim",)  # its encoder is a stochastic DDIM
     needs_source = True  # the pipeline refuses an empty source
     uses_inpaint = False
-
-    def check(self, o: EditOptions) -> None:
-        if o.sampler != "ddim":
-            raise EditError(f"sampler {o.sampler!r} does not apply to method cyclediffusion: its code lives in DDIM")
+    takes_mask = False
 
     @torch.no_grad()
     def edit(self, pipe, job: Job) -> Edited:
-        if job.mask is not None:
-            raise EditError("method cyclediffusion edits the whole image and takes no mask")
-        if not job.o.inpaint:
-            raise EditError("--no-inpaint is InstDiffEdit's; cyclediffusion never inpaints")
         o = job.o
         lat = cycle_latents(pipe, job.x0, job.emb, pipe.encode_text(o.source), o, job.gen, job.progress)
         return Edited(pipe.decode(lat.to(pipe.dtype))[0], None)

@@ -14,14 +14,15 @@ import torch
 from mask.instant import instant_mask
 from mask.store import AttentionStore
 
-from .base import Edited, Job, MaskOutput, Method, check_finite, guidance_cause, register
+from .base import Edited, Job, MaskOutput, Method, StepState, check_finite, guidance_cause, register
 from .options import EditError, EditOptions, Option
 
 
 @torch.no_grad()
 def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generator,
-           progress: bool = False, emb: torch.Tensor | None = None) -> MaskOutput:
-    """Instant mask and mask-guided denoising (Eq. 4-9), all n rounds in one batch."""
+           progress: bool = False, emb: torch.Tensor | None = None, callback=None) -> MaskOutput:
+    """Instant mask and mask-guided denoising (Eq. 4-9), all n rounds in one batch.
+    `callback(step, t, StepState)` runs after every step (callback_on_step_end)."""
     words = pipe.tokenizer.words(edit)  # [(word, [token positions])], positions count SOT as 0
     emb = pipe.encode_text(edit) if emb is None else emb
     sampler, start, z0, eps, x = pipe.noised(x0, o, gen, o.rounds)
@@ -33,6 +34,7 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
     store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res,
                            tokens=emb.shape[1], device=x.device)  # buffers now: a compiled UNet sees them at step 1
     positions = [pos for _, pos in words]
+    names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
     P = None  # Eq. 8's positions: decided at the first step, reused after
 
     def step(i):
@@ -49,12 +51,15 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
         # Eq. 5: outside the mask, the latents follow the source image noised to this step
         y = sampler.add_noise_at(z0, eps, i)
         x.copy_(y + res.mask.to(x.dtype) * (x_next - y))
+        if callback is not None:  # eager steps only (run_steps is told so): i is an int here
+            callback(i - start, sampler.timesteps[i],
+                     StepState("mask", x.clone(), res.mask, res.soft, res.word_maps, names))
         return res
 
     res = pipe.run_steps(step, sampler, pipe.progress(range(start, len(sampler.timesteps)), progress,
-                                                     "mask + guided denoising"), pipe.unet)
+                                                     "mask + guided denoising"), pipe.unet,
+                         eager=callback is not None)
     check_finite(x, "stage 1 (mask-guided denoising)", guidance_cause(o.guidance))
-    names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
     return MaskOutput(res.mask, res.soft, res.P, names, res.word_maps, x)
 
 
@@ -69,7 +74,7 @@ class InstDiffEdit(Method):
         return 2 * o.rounds
 
     def mask(self, pipe, job: Job) -> MaskOutput:
-        return stage1(pipe, job.x0, job.text, job.o, job.gen, job.progress, job.emb)
+        return stage1(pipe, job.x0, job.text, job.o, job.gen, job.progress, job.emb, job.callback)
 
     def edit(self, pipe, job: Job) -> Edited:
         if job.mask is not None or job.o.inpaint:

@@ -176,8 +176,6 @@ class Ledits(Method):
         return MaskOutput(res.mask, res.soft)
 
     def edit(self, pipe, job: Job) -> Edited:
-        if not job.o.inpaint:
-            raise EditError("--no-inpaint is InstDiffEdit's; ledits never inpaints")
         res = self.run(pipe, job)
         return Edited(res.image[0], MaskOutput(res.mask, res.soft) if job.mask is None else
                       MaskOutput(job.mask, job.mask.float()))

@@ -94,6 +94,8 @@ SHARED: tuple[Option, ...] = (
            "InstDiffEdit's Eq. 5 result instead)",
            flag="--no-inpaint"),
     Option("source", str, "", "text describing the input image (methods that need one: DiffEdit)"),
+    Option("keep_unmasked", bool, False, "paste the original pixels back outside a feathered version of the "
+           "final mask, so unmasked regions are truly untouched (diffusers' apply_overlay; beyond the paper)"),
 )
 SHARED_BY_NAME = {o.name: o for o in SHARED}
 
@@ -120,6 +122,11 @@ class EditOptions:
             value = values[name] if name in values else m.defaults.get(name, spec.default)
             setattr(self, name, spec.check(value))
         self.check()
+        if m.samplers is not None and self.sampler not in m.samplers:
+            raise EditError(f"sampler {self.sampler!r} does not apply to method {method} "
+                            f"(it runs with {', '.join(m.samplers)} only)")
+        if not self.inpaint and not m.uses_inpaint:
+            raise EditError(f"--no-inpaint is InstDiffEdit's; {method} never inpaints")
         m.check(self)
 
     def check(self) -> None:

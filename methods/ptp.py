@@ -243,19 +243,13 @@ class PromptToPrompt(Method):
     options = (CROSS, SELF, ALIGN, BLEND, BLEND_TH)
     defaults = {"sampler": "ddim"}
     makes_mask = False
+    samplers = ("ddim",)  # it inverts with DDIM
     needs_source = True
     uses_inpaint = False
-
-    def check(self, o: EditOptions) -> None:
-        if o.sampler != "ddim":
-            raise EditError(f"method ptp denoises with DDIM (it inverts with DDIM); sampler {o.sampler!r} does not apply")
+    takes_mask = False
 
     @torch.no_grad()
     def edit(self, pipe, job: Job) -> Edited:
-        if job.mask is not None:
-            raise EditError("method ptp edits through attention and takes no mask")
-        if not job.o.inpaint:
-            raise EditError("--no-inpaint is InstDiffEdit's; ptp never inpaints")
         x, _ = run_ptp(pipe, job)
         return Edited(pipe.decode(x[1:])[0], None)
 

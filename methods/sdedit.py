@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from .base import Edited, Job, Method, check_finite, guidance_cause, register
-from .options import EditError
 
 
 @register
@@ -16,13 +15,10 @@ class SDEdit(Method):
     help = "noise to strength r and denoise with the edit text; no mask (baseline)"
     makes_mask = False
     uses_inpaint = False
+    takes_mask = False
 
     @torch.no_grad()
     def edit(self, pipe, job: Job) -> Edited:
-        if job.mask is not None:
-            raise EditError("method sdedit edits the whole image and takes no mask")
-        if not job.o.inpaint:
-            raise EditError("--no-inpaint is InstDiffEdit's; sdedit never inpaints")
         o = job.o
         sampler, start, _, _, x = pipe.noised(job.x0, o, job.gen, 1)
         for i in pipe.progress(range(start, len(sampler.timesteps)), job.progress, "sdedit"):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = set(OUTPUTS)
-BASIC = ALL - {"attention.png"}
+BASIC = ALL - {"attention.png", "steps.png"}  # attention.png: --save-attention, steps.png: --save-steps
 
 
 @pytest.fixture
@@ -74,7 +74,8 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 def test_writes_every_file_and_run_json(cli, tiny_sd, image, tmp_path):
     out = tmp_path / "out"
-    rc, _stdout, err = cli("--image", image, "--edit", "a red ball", "--out", out, "--save-attention", "--seed", 9)
+    rc, _stdout, err = cli("--image", image, "--edit", "a red ball", "--out", out, "--save-attention", "--save-steps",
+                           "--seed", 9)
     assert rc == 0, err
     assert files(out) == ALL  # and no .partial-* folder left behind
     for name in ("edited.png", "mask.png", "soft_mask.png", "overlay.png"):
@@ -363,7 +364,7 @@ def test_failure_while_writing_leaves_nothing_half_written(cli, image, tmp_path,
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(instdiffedit, "overlay", disk_full)  # fails after edited.png, mask.png are written
+    monkeypatch.setattr(instdiffedit.json, "dumps", disk_full)  # run.json fails after the PNGs are written
     assert_error(*cli("--image", image, "--edit", "a dog", "--out", out, "--overwrite", "--seed", 5)[::2],
                  "No space left")
     assert snapshot(out) == before  # the earlier results, untouched; no partial files, no .partial-* folder
@@ -392,10 +393,10 @@ def test_earlier_results_are_kept_without_overwrite(cli, image, tmp_path):
 
 def test_stale_outputs_are_removed_on_overwrite(cli, image, tmp_path):
     out = tmp_path / "o"
-    assert cli("--image", image, "--edit", "a cat", "--out", out, "--save-attention")[0] == 0
+    assert cli("--image", image, "--edit", "a cat", "--out", out, "--save-attention", "--save-steps")[0] == 0
     assert files(out) == ALL
     assert cli("--image", image, "--edit", "a dog", "--out", out, "--overwrite")[0] == 0
-    assert files(out) == BASIC  # the old attention.png belonged to "a cat"
+    assert files(out) == BASIC  # the old attention.png and steps.png belonged to "a cat"
 
 
 def test_input_is_never_overwritten(cli, tmp_path):
@@ -458,7 +459,7 @@ def test_outputs_switch_as_one_set(cli, image, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert cli("--image", image, "--edit", "a cat", "--out", out, "--save-attention")[0] == 0
+    assert cli("--image", image, "--edit", "a cat", "--out", out, "--save-attention", "--save-steps")[0] == 0
     assert all(os.path.islink(out / n) for n in ALL) and outset.current_names(out) == ALL
     assert cli("--image", image, "--edit", "a dog", "--out", out, "--overwrite")[0] == 0
     assert files(out) == BASIC | {"notes.txt"} and outset.current_names(out) == BASIC

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from instdiffedit import InstDiffEdit, to_tensor
 from mask.instant import instant_mask
 from mask.store import AttentionStore
+from methods.instdiffedit import stage1
 from model.runtime import Placement, run_steps
 from tests.conftest import TINY_ATTENTION_RES
 
@@ -59,7 +60,7 @@ def test_graphed_loops_equal_the_eager_loops(tiny_sd, pipe, one_thread):
     assert np.array_equal(np.asarray(a.soft_mask), np.asarray(b.soft_mask)) and a.P == b.P
     assert a.unet_evals == b.unet_evals and a.unet_evals_by_model == b.unet_evals_by_model
     ma, mb = pipe.mask(IMG, EDIT, **OPTS), graphed.mask(IMG, EDIT, **OPTS)
-    assert torch.equal(ma.latents, mb.latents) and torch.equal(ma.soft, mb.soft)
+    assert torch.equal(ma.latents, mb.latents) and torch.equal(ma.soft_latent, mb.soft_latent)
 
 
 def test_graphed_stage1_equals_a_loop_with_diffusers_lms(tiny_sd, one_thread):
@@ -96,8 +97,8 @@ def test_graphed_stage1_equals_a_loop_with_diffusers_lms(tiny_sd, one_thread):
         P = res.P
         y = sched.add_noise(z0, eps, t.reshape(1))
         x = y + res.mask.float() * (x - y)
-    assert torch.equal(got.mask, res.mask)
-    assert (got.soft - res.soft).abs().max() < 1e-5
+    assert torch.equal(got.mask_latent, res.mask)
+    assert (got.soft_latent - res.soft).abs().max() < 1e-5
     assert (got.latents - x).abs().max() < 1e-4 * x.abs().max()
 
 
@@ -137,20 +138,21 @@ def test_loops_never_touch_the_host(tiny_sd, one_thread, cuda_graphs, monkeypatc
     traffic = []
     run = meta.run_steps
 
-    def watched(step, sampler, indices, unet):
+    def watched(step, sampler, indices, unet, eager=False):
         def inner(i):
             with _HostTraffic() as mode:
                 out = step(i)
             traffic.extend(mode.events)
             return out
-        return run(inner, sampler, indices, unet)
+        return run(inner, sampler, indices, unet, eager)
 
     meta.run_steps = watched
     meta.decode = lambda z: z  # after the loop: its one finiteness check reads a value by design
     o = meta.options(**OPTS)
-    st = meta.mask(IMG, EDIT, **OPTS)
+    x0 = to_tensor(IMG, meta.size, "meta", torch.float32)
+    st = stage1(meta, x0, EDIT, o, torch.Generator().manual_seed(0))  # tensors: mask() would make pictures
     assert st.mask.device.type == "meta"
-    meta.inpaint(to_tensor(IMG, meta.size, "meta", torch.float32), st.mask, EDIT, o, torch.Generator().manual_seed(0))
+    meta.inpaint(x0, st.mask, EDIT, o, torch.Generator().manual_seed(0))
     assert traffic == []
 
 
@@ -161,14 +163,14 @@ def test_loops_never_synchronise_on_cuda(tiny_sd, cuda_graphs):
                                        cuda_graphs=cuda_graphs)
     run = gpu.run_steps
 
-    def strict(step, sampler, indices, unet):
+    def strict(step, sampler, indices, unet, eager=False):
         def inner(i):
             torch.cuda.set_sync_debug_mode("error")
             try:
                 return step(i)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        return run(inner, sampler, indices, unet)
+        return run(inner, sampler, indices, unet, eager)
 
     gpu.run_steps = strict
     res = gpu.edit(IMG, EDIT, **OPTS)
@@ -266,3 +268,13 @@ def test_mask_filter_constants_are_made_on_the_device():
     assert on_meta.device.type == "meta" and on_meta.shape == (64, 16) and taps.shape == (5,)
     assert mode.events == []
     assert torch.equal(pil_weights(16, 64, "bicubic", True, "cpu"), pil_weights(16, 64, "bicubic", True))
+
+
+def test_a_step_callback_runs_every_step_even_with_cuda_graphs(tiny_sd, pipe, one_thread):
+    """A replay would not call Python: with a callback the loops run eagerly, and give the same edit."""
+    graphed = _pipe(tiny_sd, cuda_graphs=True)
+    seen = []
+    res = graphed.edit(IMG, EDIT, callback_on_step_end=lambda i, t, st: seen.append((st.stage, i)), **OPTS)
+    n_mask = int(OPTS["steps"] * OPTS["strength"])  # stage 1 runs the last int(steps x strength) steps
+    assert seen == [("mask", k) for k in range(n_mask)] + [("inpaint", k) for k in range(OPTS["steps"])]
+    assert np.array_equal(np.asarray(res.image), np.asarray(pipe.edit(IMG, EDIT, **OPTS).image))

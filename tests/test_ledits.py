@@ -132,8 +132,8 @@ def test_registered_method(tiny):
     alone = pipe.edit(_image(), EDIT, **kw)
     assert alone.unet_evals == 6 + 6 * 2 and alone.image.tobytes() != a.image.tobytes()
     m = pipe.mask(_image(), EDIT, source=SOURCE, **kw)
-    assert m.mask.shape == (16, 16) and m.mask.any() and not m.mask.all()
-    assert torch.equal(m.mask, m.soft > 0) and m.unet_evals == a.unet_evals
+    assert m.mask_latent.shape == (16, 16) and m.mask_latent.any() and not m.mask_latent.all()
+    assert torch.equal(m.mask_latent, m.soft_latent > 0) and m.unet_evals == a.unet_evals
     with pytest.raises(instdiffedit.EditError, match="ledits_mask 'box'"):
         pipe.edit(_image(), EDIT, method="ledits", ledits_mask="box")
     with pytest.raises(instdiffedit.EditError, match="ledits_skip 1"):

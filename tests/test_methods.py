@@ -163,6 +163,12 @@ class CountingUNet(torch.nn.Module):
         self.rows += sample.shape[0]
         return self.inner(sample, *args, **kwargs)
 
+    def __getattr__(self, name):  # layers a method looks up by name (PnP: up_blocks) are the wrapped UNet's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
 
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_unet_evals_equal_the_rows_the_unets_ran(pipe, monkeypatch, method):
@@ -242,9 +248,9 @@ def test_diffedit_paper_equals_a_straightforward_diffusers_recomputation(pipe, t
     m = torch.stack(diffs).mean(0).numpy()
     m = ((m - m.min()) / (m.max() - m.min()) * 255).astype(np.uint8)
     ref = cv2.GaussianBlur(m.astype(np.float32), (5, 5), 1)
-    assert np.abs(ours.soft.numpy() * 255 - ref).max() <= 1.0 + 1e-3  # at most one 8-bit step apart
-    assert (ours.mask.numpy() != (ref > 255 * 0.3)).sum() == 0
-    assert 0 < ours.mask.sum() < ours.mask.numel()  # not a trivial mask
+    assert np.abs(ours.soft_latent.numpy() * 255 - ref).max() <= 1.0 + 1e-3  # at most one 8-bit step apart
+    assert (ours.mask_latent.numpy() != (ref > 255 * 0.3)).sum() == 0
+    assert 0 < ours.mask_latent.sum() < ours.mask_latent.numel()  # not a trivial mask
     assert ours.unet_evals == n * 2 * 2 * (steps - int(steps * strength))
 
 
@@ -281,7 +287,7 @@ def test_readme_example_method_runs_through_the_cli_parser_and_edit(example_meth
     res = pipe.edit(_pil(3), args.edit, method=args.method, **given)
     assert res.unet_evals > 0 and res.image.size == (16, 16)
     mo = pipe.mask(_pil(3), args.edit, method=args.method, **given)
-    assert mo.mask.dtype == torch.bool and mo.mask.any()
+    assert mo.mask_latent.dtype == torch.bool and mo.mask_latent.any()
     with pytest.raises(EditError, match=f"{own.name} 2.0 is outside"):
         pipe.edit(_pil(3), "a red cat", method=example_method, **{own.name: 2.0})
     # and the whole command line, end to end

@@ -271,7 +271,8 @@ def test_multi_token_word_is_one_entry(pipe, monkeypatch):
 def test_mask_api_and_user_mask(pipe):
     img = _pil(7, size=(20, 28))
     mo = pipe.mask(img, "a cup", steps=4, rounds=1, attention_res=RES)
-    assert mo.mask.shape == mo.soft.shape == (LATENT, LATENT) and mo.mask.dtype == torch.bool
+    assert mo.mask_latent.shape == mo.soft_latent.shape == (LATENT, LATENT) and mo.mask_latent.dtype == torch.bool
+    assert mo.image is None and mo.mask.size == img.size  # the same EditResult as edit(), without an image
     assert mo.latents.shape == (1, 4, LATENT, LATENT)
     user = torch.zeros(28, 20, dtype=torch.bool)
     user[10:, :] = True

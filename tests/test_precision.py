@@ -19,8 +19,8 @@ def test_half_precision_edit_runs_and_stays_close_to_fp32(tiny_sd, pipe, one_thr
     half = InstDiffEdit.from_pretrained(str(tiny_sd.sd), str(tiny_sd.inpaint), "cpu", dtype)
     assert {p.dtype for p in half.unet.parameters()} == {dtype}
     a, b = pipe.mask(IMG, "a red circle", **OPTS), half.mask(IMG, "a red circle", **OPTS)
-    assert torch.isfinite(b.soft).all()
-    assert (a.soft - b.soft.float()).abs().mean() < 0.1  # same map up to half-precision rounding
+    assert torch.isfinite(b.soft_latent).all()
+    assert (a.soft_latent - b.soft_latent.float()).abs().mean() < 0.1  # same map up to half-precision rounding
     res = half.edit(IMG, "a red circle", **OPTS)
     assert res.image.size == IMG.size and np.isfinite(np.asarray(res.image)).all()
 
@@ -67,9 +67,9 @@ def test_half_precision_components_within_tolerance_of_fp32(tiny_sd, pipe, one_t
             "vae": _rel(half.decode(z.to(dtype)), pipe.decode(z)),
         }
     a, b = pipe.mask(IMG, "a red circle", **OPTS), half.mask(IMG, "a red circle", **OPTS)
-    err["soft"] = float((b.soft.float() - a.soft).abs().mean())
-    same = (a.mask == b.mask).expand_as(a.latents)  # a pixel whose mask flipped takes the other Eq. 5 branch
+    err["soft"] = float((b.soft_latent.float() - a.soft_latent).abs().mean())
+    same = (a.mask_latent == b.mask_latent).expand_as(a.latents)  # a flipped pixel takes the other Eq. 5 branch
     err["stage1"] = float((b.latents.float() - a.latents)[same].abs().mean() / a.latents[same].abs().mean())
-    err["flipped"] = float((a.mask != b.mask).float().mean())
+    err["flipped"] = float((a.mask_latent != b.mask_latent).float().mean())
     assert all(err[k] <= HALF_TOL[dtype][k] for k in err), (err, HALF_TOL[dtype])
     assert half.vae_fp32_decodes == 0  # the tiny VAE does not overflow: the fallback is not what passed

@@ -52,8 +52,8 @@ def test_demo_command_writes_every_file(tmp_path, one_thread):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "demo"
     assert main(["--image", str(root / "assets" / "examples" / "scene.png"), "--edit", "a yellow background",
-                 "--model", "toy", "--out", str(out), "--save-attention", "--quiet"]) == 0
-    for name in ("edited.png", "mask.png", "soft_mask.png", "overlay.png", "attention.png", "run.json"):
+                 "--model", "toy", "--out", str(out), "--save-attention", "--save-steps", "--quiet"]) == 0
+    for name in ("edited.png", "mask.png", "soft_mask.png", "overlay.png", "attention.png", "steps.png", "run.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "run.json").read_text())["words"] == ["<sot>", "a", "yellow", "background", "<eot>"]
 

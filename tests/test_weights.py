@@ -199,8 +199,8 @@ def test_hub_offline_and_not_cached_is_one_clear_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
-    assert "WeightsError: CompVis/stable-diffusion-v1-4" in last and "HF_HUB_OFFLINE" in last
-    assert "hf download CompVis/stable-diffusion-v1-4" in last
+    assert "CompVis/stable-diffusion-v1-4: could not get the model" in last and "HF_HUB_OFFLINE" in last
+    assert "hf download CompVis/stable-diffusion-v1-4 --include" in last
 
 
 # ---------------------------------------------------------------- bad inputs

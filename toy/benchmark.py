@@ -3,6 +3,7 @@
     python -m toy.benchmark                      # defaults, ablations, baselines (make eval-toy)
     python -m toy.benchmark --n 20 --no-ablation --no-methods
     python -m toy.benchmark --table1 --methods-n 16    # every registered method on the same cases (make table1)
+    python -m toy.benchmark --table1 --methods ptp,pnp --methods-n 12   # InstDiffEdit and the methods named
 
 Cases come from ``toy.world.benchmark_cases`` (fixed seeds, disjoint from training): main-object,
 secondary-object and background edits, the edit text the only prompt (paper Sec. 4). Metrics as in
@@ -76,7 +77,7 @@ def run_cases(pipe, cases, method: str = "instdiffedit", full: bool = True, gt_m
         else:
             out = pipe.mask(img, case.edit_text, method=method, source=source_text(case), **options)
             row["seconds"] = time.perf_counter() - tic
-            pred, maps, row["unet_evals"] = _upsample(out.mask, pipe.size), out.word_maps, out.unet_evals
+            pred, maps, row["unet_evals"] = _upsample(out.mask_latent, pipe.size), out.word_maps, out.unet_evals
         if pred is not None:
             row["iou"] = mask_iou(pred, case.gt_mask)
         if maps is not None and len(maps):  # attention methods: word_maps[0] is the start token's map
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-methods", action="store_true")
     p.add_argument("--table1", action="store_true",
                    help="only the toy Table 1: every registered method on the same --methods-n cases")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated registered methods to compare besides instdiffedit (default: all)")
     p.add_argument("--out", default=str(ROOT / "runs" / "eval-toy"))
     add_arguments(p, with_method=False)  # every method option (all methods run; each gets those that apply)
     return p
@@ -137,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     given = options_from_args(args)
+    chosen = list(REGISTRY) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in chosen:
+        if m not in REGISTRY:
+            print(f"error: --methods: {m!r} is not one of {', '.join(REGISTRY)}", file=sys.stderr)
+            return 2
     if args.table1:
         args.n, args.no_ablation, args.no_methods = args.methods_n, True, False
 
@@ -167,7 +175,7 @@ def main(argv=None) -> int:
     if not args.no_methods:
         subset = cases[: args.methods_n]
         comp = {"instdiffedit": summarise([r for r in rows if r["id"] in {c.id for c in subset}])}
-        for method in REGISTRY:
+        for method in chosen:
             if method != "instdiffedit":
                 r = run_cases(pipe, subset, method=method, **options_for(method))
                 results[method] = {"summary": summarise(r), "rows": r}

@@ -547,7 +547,7 @@ def localisation_check(unet, te, vae, tokenizer, n=50, t=500, seed=0):
         maps = torch.stack(rec.probs).mean((0, 2)).transpose(1, 2).unflatten(2, rec.hw)  # (B, 77, 16, 16)
 
         def word_mask(p, word):
-            pos = [ps for w, ps in tokenizer.words(prompts[p]) if w == word][0]
+            pos = [ps for w, ps in tokenizer.words(prompts[p], split="bpe") if w == word][0]
             m = maps[p, pos].mean(0)
             m = F.interpolate(m[None, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0]
             return m >= 0.5 * m.max()

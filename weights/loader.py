@@ -18,9 +18,7 @@ from safetensors import safe_open
 
 from . import checks, compvis, hub
 from .errors import WeightsError
-
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
-DEFAULT_INPAINT_MODEL = "stable-diffusion-v1-5/stable-diffusion-inpainting"  # runwayml/... was deleted
+from .sources import DEFAULT_MODEL, bundled_tokenizer, locate, tokenizer_dir
 ALL = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 Getter = Callable[[], torch.Tensor]
@@ -229,9 +227,9 @@ def load_single_file(path: Path, components, device="cpu", dtype=torch.float32,
             overrides["in_channels"] = int(raw[compvis.PREFIXES["unet"] + "input_blocks.0.0.weight"]().shape[1])
         config = (configs or {}).get(comp)  # a single file carries no config: SD v1.x unless given
         setattr(out, comp, build(comp, tensors, str(path), config, device, dtype, overrides))
-    if "tokenizer" in components:  # a single file carries no tokenizer: take SD v1.4's
-        src = resolve(tokenizer_source or DEFAULT_MODEL, ("tokenizer",), half=False)
-        out.tokenizer = load_tokenizer(src / "tokenizer" if (src / "tokenizer").is_dir() else src)
+    if "tokenizer" in components:  # a single file carries no tokenizer: SD v1.x's vocabulary is bundled
+        src = locate(tokenizer_source, ("tokenizer",), half=False) if tokenizer_source else bundled_tokenizer()
+        out.tokenizer = load_tokenizer(tokenizer_dir(src))
     return out
 
 
@@ -247,22 +245,14 @@ def check_scheduler_config(config: dict, path: Path | str) -> None:
 
 # ---------------------------------------------------------------- one entry point
 
-def resolve(source: str | Path, components, half: bool) -> Path:
-    p = Path(source).expanduser()
-    if p.exists():
-        return p
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith((".", "/")):
-        return hub.download(str(source), components, half)
-    raise WeightsError(f"{source}: no such file or folder, and not a hub repo id (owner/name)")
-
-
 def load(source: str | Path = DEFAULT_MODEL, components=ALL, device="cpu", dtype=torch.float32,
          tokenizer_source: str | Path | None = None, configs: dict | None = None) -> StableDiffusion:
-    """Load SD v1.x from a hub repo id, a diffusers-layout folder, or a CompVis single file.
+    """Load SD v1.x from a hub repo id, a diffusers-layout folder, a CompVis single file or "toy".
 
     `components` picks any of unet, vae, text_encoder, tokenizer, scheduler (e.g. only ("unet",)
-    for the inpainting model). A single file takes its tokenizer from `tokenizer_source`
-    (a model folder or a tokenizer folder; default: SD v1.4's on the hub) and its network configs
+    for the inpainting model). `tokenizer_source` (a model or tokenizer folder, or a hub id)
+    replaces the source's own tokenizer; a single file has none, so it defaults to the CLIP
+    vocabulary bundled with the package. A single file takes its network configs
     from `configs` ({"unet": config.json dict, ...}; default: SD v1.x's, the UNet's input channels
     read off the weights).
     """
@@ -271,7 +261,7 @@ def load(source: str | Path = DEFAULT_MODEL, components=ALL, device="cpu", dtype
     if unknown:
         raise WeightsError(f"unknown component '{sorted(unknown)[0]}' (choose from {', '.join(ALL)})")
     half = dtype in (torch.float16, torch.bfloat16)
-    path = resolve(source, components, half)
+    path = locate(source, components, half)
     if path.is_file():
         return load_single_file(path, components, device, dtype, tokenizer_source, configs)
     out = StableDiffusion(source=str(source))
@@ -279,7 +269,8 @@ def load(source: str | Path = DEFAULT_MODEL, components=ALL, device="cpu", dtype
         if comp in components:
             setattr(out, comp, load_component(path, comp, device, dtype))
     if "tokenizer" in components:
-        out.tokenizer = load_tokenizer(path / "tokenizer")
+        tok = locate(tokenizer_source, ("tokenizer",), half) if tokenizer_source else path
+        out.tokenizer = load_tokenizer(tokenizer_dir(tok))
     if "scheduler" in components:
         cfg = path / "scheduler" / "scheduler_config.json"
         out.scheduler_config = _read_config(cfg) if cfg.is_file() else None
