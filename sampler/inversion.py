@@ -7,6 +7,7 @@ the same text retraces (approximately) the same trajectory.
     inv = ddim_invert(unet, s, z0, cond, uncond, guidance=7.5)   # optional classifier-free guidance
     x_T = inv.noise                                        # the latent at timesteps[0]
     inv.at(i)                                              # the latent at the level of timesteps[i]
+    inv = ddim_invert(unet, s, z0, cond, start=s.start_index(0.8))  # only up to timesteps[start] (DiffEdit)
 
 Each step evaluates the UNet at the *higher* timestep on the *lower*-level latent
 (``DDIMSampler.inverse_step``): the approximation every DDIM-inversion implementation makes, which is
@@ -24,31 +25,40 @@ from .guidance import cfg
 
 @dataclass
 class Inversion:
-    latents: list[torch.Tensor]  # [z0, z at timesteps[N-1], ..., z at timesteps[0]]: clean -> noisy
+    latents: list[torch.Tensor]  # [z0, z at timesteps[N-1], ..., z at timesteps[start]]: clean -> noisy
     unet_evals: int  # UNet image-evaluations spent (the batch sizes summed over calls)
+    start: int = 0   # the highest level reached is timesteps[start] (0: the full inversion)
 
     @property
     def noise(self) -> torch.Tensor:
-        """The inverted latent x_T, at the level of ``timesteps[0]``: where denoising starts."""
+        """The most inverted latent, at the level of ``timesteps[start]``: where denoising starts."""
         return self.latents[-1]
 
     def at(self, i: int) -> torch.Tensor:
-        """The inverted latent at the level of ``timesteps[i]`` (what denoising step i starts from)."""
-        return self.latents[len(self.latents) - 1 - i]
+        """The inverted latent at the level of ``timesteps[i]`` (what denoising step i starts from);
+        ``i = N`` is z0 itself."""
+        top = self.start + len(self.latents) - 1  # = N
+        if not self.start <= i <= top:
+            raise IndexError(f"step index {i} outside the inverted range [{self.start}, {top}]")
+        return self.latents[top - i]
 
 
 @torch.no_grad()
 def ddim_invert(unet, sampler: DDIMSampler, z0: torch.Tensor, cond: torch.Tensor,
-                uncond: torch.Tensor | None = None, guidance: float = 1.0, control=None) -> Inversion:
+                uncond: torch.Tensor | None = None, guidance: float = 1.0, control=None, start: int = 0) -> Inversion:
     """Invert clean latents ``z0`` (B, 4, h, w) with text embeddings ``cond`` (B or 1, tokens, dim).
 
     ``guidance`` 1 (the default; what PtP's null-text and PnP's preprocessing use) calls the UNet on
     the text alone; otherwise ``uncond`` is required and each step runs the CFG batch
     ``[uncond, cond]``. ``control`` is handed to every UNet call (see ``model/attention.py``).
+    ``start`` stops the climb at the level of ``timesteps[start]`` (DiffEdit's encoding ratio: diffusers'
+    ``get_inverse_timesteps`` keeps the lowest ``N - start`` inverse timesteps); 0 inverts all the way.
     """
     if not isinstance(sampler, DDIMSampler):
         raise TypeError(f"DDIM inversion needs a DDIMSampler, got {type(sampler).__name__}")
     n = len(sampler)
+    if not 0 <= start < n:
+        raise ValueError(f"start={start}: the inversion runs steps start..{n - 1} of {n}")
     guided = float(guidance) != 1.0
     if guided and uncond is None:
         raise ValueError(f"guidance={guidance} needs the unconditional embedding (uncond=)")
@@ -56,7 +66,7 @@ def ddim_invert(unet, sampler: DDIMSampler, z0: torch.Tensor, cond: torch.Tensor
     cond = cond.expand(b, -1, -1)
     ctx = torch.cat([uncond.expand(b, -1, -1), cond]) if guided else cond
     x, latents, evals = z0, [z0], 0
-    for i in reversed(range(n)):  # timesteps are stored high -> low; inversion climbs
+    for i in reversed(range(start, n)):  # timesteps are stored high -> low; inversion climbs
         t = sampler.timesteps[i]
         if guided:
             eps = cfg(*unet(torch.cat([x, x]), t, ctx, control=control).chunk(2), guidance)
@@ -65,4 +75,4 @@ def ddim_invert(unet, sampler: DDIMSampler, z0: torch.Tensor, cond: torch.Tensor
         evals += ctx.shape[0]
         x = sampler.inverse_step(eps, i, x)
         latents.append(x)
-    return Inversion(latents, evals)
+    return Inversion(latents, evals, start)

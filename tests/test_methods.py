@@ -182,6 +182,8 @@ def test_unet_evals_equal_the_rows_the_unets_ran(pipe, monkeypatch, method):
     expected = {"instdiffedit": 2 * 2 * 2 + 4 * 2,            # rounds x CFG x steps + the finish
                 "diffedit": 3 * 2 * 2 * 2 + 4 * 2,            # samples x prompts x CFG x steps + the finish
                 "diffedit-mask": 3 * 2 * 2 + 4 * 2,           # samples x prompts x CFG, one step + the finish
+                "diffedit-original": 3 * 2 * 2 + 2 * 3 + 2 * 3,  # the same mask, then CFG x int(4 x 0.8) steps
+                                                              # inverted and decoded, no finish
                 "sdedit": 2 * 2}                              # CFG x steps, no finish
     if method in expected:
         assert res.unet_evals == expected[method]
@@ -319,3 +321,12 @@ def test_dataset_runner_takes_method_options_and_records_unet_evals(tiny_sd, tmp
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["unet_evals"] == row["unet_evals"]
     assert evaluation.run.main(argv[:-2] + ["--threshold", "nan"]) == 2
     assert "error: threshold nan is not a finite number" in capsys.readouterr().err
+
+
+def test_toy_benchmark_methods_flag_refuses_an_unknown_method_before_loading(tmp_path, capsys):
+    import toy.benchmark
+    rc = toy.benchmark.main(["--table1", "--methods", "diffedit-original,nope", "--model", str(tmp_path / "absent"),
+                             "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == "error: --methods: 'nope' is not one of " + ", ".join(REGISTRY) + "\n"
+    assert not (tmp_path / "out").exists()

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         return {k: v for k, v in given.items() if k in get_method(method).option_specs()}
 
     try:  # bad options: one line before anything is loaded
-        for method in REGISTRY:
+        for method in chosen:
             EditOptions(method, **options_for(method))
     except EditError as e:
         print(f"error: {e}", file=sys.stderr)
