@@ -10,7 +10,7 @@ DEV     := $(VENV)/.installed-dev
 # the optional web page's Gradio (requirements-page.txt)
 PAGE    := $(VENV)/.installed-page
 
-.PHONY: test test-fast demo page page-setup bench eval-toy table1 toy-model wheel clean
+.PHONY: test test-fast demo page page-setup bench bench-gpu eval-toy table1 toy-model wheel clean
 
 $(RUNTIME): requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -57,6 +57,11 @@ $(PAGE): $(RUNTIME) requirements-page.txt
 bench: $(DEV)
 	$(BIN)/python bench/bench_models.py
 	$(BIN)/python bench/bench_mask.py
+
+# one call on a CUDA machine, budgeted to 6 min on an H100/H200-class GPU: random SD v1.4-size weights built on
+# the device (no downloads); writes runs/bench-gpu/gpu.json. `bench/gpu.py --tiny` is the CPU dry run CI makes.
+bench-gpu: $(DEV)
+	$(BIN)/python bench/gpu.py
 
 # edit-quality benchmark on held-out synthetic scenes (exact GT masks); writes runs/eval-toy/
 eval-toy: $(RUNTIME)

@@ -30,6 +30,7 @@ from evaluation.figures import attention_figure, mask_outline, steps_strip
 from methods import (EditError, EditOptions, Job, MaskOutput, StepState, add_arguments, check_finite, get_method,
                      guidance_cause, options_from_args)
 from methods.options import SHARED_BY_NAME
+from model.runtime import Placement, run_steps
 from sampler import SchedulerConfig, cfg, make_sampler
 from weights import (DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, Need, WeightsError, default_inpaint_model, load,
                      resolve_models)
@@ -275,7 +276,20 @@ def check_precision(device: torch.device, dtype: torch.dtype) -> None:
 # ---------------------------------------------------------------- the pipeline
 
 class InstDiffEdit:
-    def __init__(self, sd, inpaint_unet=None, device="cpu", dtype=torch.float32):
+    """The models and what every method shares. Device-level options (all off by default):
+
+    compile        torch.compile each UNet (static shapes: compiled once per input shape, no recompile
+                   across steps); a string names the backend (tests use "eager")
+    cuda_graphs    run the stage-1 and inpainting loops as replays of one CUDA graph per loop
+                   (model/runtime.py; LMS sampler only). Off CUDA the same step function runs eagerly with
+                   the step index as a device tensor, which is what the tests exercise on the CPU
+    offload        keep only the UNet in use on the device, the other on the CPU (8 GB cards); the text
+                   encoder and the VAE (about 0.4 GB in fp16) stay on the device
+    channels_last  UNets in the channels-last memory format; unmeasured on a GPU here, so off by default
+    """
+
+    def __init__(self, sd, inpaint_unet=None, device="cpu", dtype=torch.float32, *, compile: bool | str = False,
+                 cuda_graphs: bool = False, offload: bool = False, channels_last: bool = False):
         self.unet, self.vae, self.text_encoder, self.tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
         self.inpaint_unet = inpaint_unet
         self.sources = {}  # role -> weights.Resolved (path, hub revision), filled by from_pretrained
@@ -285,11 +299,30 @@ class InstDiffEdit:
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.size = self.unet.config.sample_size * self.vae_factor  # the trained image size: 512 for SD v1.x
         self.unet_evals: dict[str, int] = {}  # UNet image-evaluations since the last edit()/mask() began
+        if cuda_graphs and compile and self.device.type != "cuda":
+            raise ValueError("cuda_graphs with compile needs CUDA: off CUDA the replay is traced with make_fx, "
+                             "which cannot trace compiled UNets")
+        self.cuda_graphs = cuda_graphs
+        self.vae_fp32_decodes = 0  # decodes redone in fp32 because the half-precision one overflowed
+        if channels_last:
+            for m in (self.unet, self.inpaint_unet):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
+        if compile:  # dynamic=False: one graph per input shape, never a shape-generic recompile
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.unet = torch.compile(self.unet, dynamic=False, backend=backend)
+            if self.inpaint_unet is not None:
+                self.inpaint_unet = torch.compile(self.inpaint_unet, dynamic=False, backend=backend)
+        if offload:
+            self.text_encoder.to(self.device)
+            self.vae.to(self.device)
+        self.placement = Placement({"unet": self.unet, "inpaint_unet": self.inpaint_unet}, self.device, offload)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, inpaint_model: str | None = "auto",
-                        device: str | None = None, dtype: torch.dtype | None = None, compile: bool = False,
-                        tokenizer: str | None = None) -> "InstDiffEdit":
+                        device: str | None = None, dtype: torch.dtype | None = None, compile: bool | str = False,
+                        tokenizer: str | None = None, cuda_graphs: bool = False, offload: bool = False,
+                        channels_last: bool = False) -> "InstDiffEdit":
         """Load the models and return a ready pipeline.
 
         model: SD v1.x: a hub repo id, a diffusers-layout folder, a CompVis single file (.safetensors
@@ -299,7 +332,7 @@ class InstDiffEdit:
             inpainting (mask() and edit(inpaint=False) still work).
         device: "cuda", "mps", "cpu", "cuda:1", ... (default: cuda, else mps, else cpu).
         dtype: default fp16 on cuda and mps, fp32 on the CPU.
-        compile: apply torch.compile to the UNets.
+        compile, cuda_graphs, offload, channels_last: the device-level options (class docstring).
         tokenizer: a tokenizer folder, model folder or hub id replacing the model's own; a single file
             has none and uses the CLIP vocabulary bundled with the package (SD v1.x's).
 
@@ -322,19 +355,17 @@ class InstDiffEdit:
                               "pass a local tokenizer folder, or leave --tokenizer out"))
         found = resolve_models(needs, half=dtype in (torch.float16, torch.bfloat16))
         tok = found["tokenizer"].path if tokenizer else None
-        sd = load(found["model"].path, parts, device=device, dtype=dtype, tokenizer_source=tok)
+        where = "cpu" if offload else device  # offload: load on the host; each UNet visits the device in turn
+        sd = load(found["model"].path, parts, device=where, dtype=dtype, tokenizer_source=tok)
         inpaint = None
         if inpaint_model:
-            inpaint = load(found["inpaint model"].path, components=("unet",), device=device, dtype=dtype).unet
+            inpaint = load(found["inpaint model"].path, components=("unet",), device=where, dtype=dtype).unet
             if inpaint.config.in_channels != 9:
                 raise WeightsError(f"{inpaint_model}: the inpainting UNet must take 9 input channels, "
                                    f"this one takes {inpaint.config.in_channels}")
-        pipe = cls(sd, inpaint, device, dtype)
+        pipe = cls(sd, inpaint, device, dtype, compile=compile, cuda_graphs=cuda_graphs, offload=offload,
+                   channels_last=channels_last)
         pipe.sources = found
-        if compile:
-            pipe.unet = torch.compile(pipe.unet)
-            if pipe.inpaint_unet is not None:
-                pipe.inpaint_unet = torch.compile(pipe.inpaint_unet)
         return pipe
 
     def cross_attention_grids(self, latent: int) -> list[int]:
@@ -376,8 +407,27 @@ class InstDiffEdit:
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return check_finite(self.vae.decode(z / self.scale), "the VAE decoder",
-                            "its weights or scaling_factor, or fp16 overflow: try --dtype fp32")
+        """Latents -> image. In half precision the decoder's activations can pass fp16's 65504 (SD's VAE
+        is known to); the result is checked once (one host sync per decode, after the loops) and only
+        when it is not finite decoded again with the decoder upcast to fp32. What is still not finite
+        stops the run with one line."""
+        z = z / self.scale
+        x = self.vae.decode(z)
+        if bool(torch.isfinite(x).all()):
+            return x
+        cause = "its weights or scaling_factor, or fp16 overflow: try --dtype fp32"
+        if x.dtype != torch.float32:
+            self.vae_fp32_decodes += 1
+            cause = "its weights or scaling_factor (decoded again in fp32 after an fp16 overflow)"
+            parts = (self.vae.post_quant_conv, self.vae.decoder)  # what decode() runs; the encoder stays as is
+            try:
+                for m in parts:
+                    m.float()
+                x = self.vae.decode(z.float())  # fp32: the image itself may lie outside fp16's range
+            finally:
+                for m in parts:
+                    m.to(self.dtype)  # fp16 -> fp32 -> fp16 is exact: the weights are unchanged
+        return check_finite(x, "the VAE decoder", cause)
 
     # -- what every method shares (methods/base.py lists it)
 
@@ -385,6 +435,7 @@ class InstDiffEdit:
         """THE UNet call of every method: counts the image-evaluations (batch rows) it runs."""
         key = "inpaint_unet" if unet is self.inpaint_unet else "unet"
         self.unet_evals[key] = self.unet_evals.get(key, 0) + inp.shape[0]
+        self.placement.use(unet)
         return unet(inp, t, ctx, recorder=recorder)
 
     def unet_cfg(self, unet, sampler, x, i, t, emb, guidance, extra=None, recorder=None):
@@ -393,7 +444,7 @@ class InstDiffEdit:
         inp = sampler.scale_model_input(torch.cat([x, x]), i)
         if extra is not None:  # inpainting: mask and masked-image latents as extra channels
             inp = torch.cat([inp, torch.cat([extra, extra])], dim=1)
-        ctx = emb.repeat_interleave(n, dim=0)  # [uncond x n, cond x n]
+        ctx = emb[:, None].expand(-1, n, -1, -1).flatten(0, 1)  # [uncond x n, cond x n]
         uncond, cond = self.call_unet(unet, inp, t, ctx, recorder).chunk(2)
         return cfg(uncond, cond, guidance)
 
@@ -417,6 +468,18 @@ class InstDiffEdit:
 
     def progress(self, it, enabled: bool, desc: str):
         return _progress(it, enabled, desc)
+
+    def run_steps(self, step, sampler, indices, unet, eager: bool = False):
+        """Run a denoising loop's step function over `indices`, eagerly or as CUDA-graph replays
+        (model/runtime.py; self.cuda_graphs), with `unet` (the one the step calls) placed on the device
+        before the loop (offload). eager: every step in Python, e.g. for a per-step callback, which a
+        replay would not call. Returns the last step's return value."""
+        graph = self.cuda_graphs and not eager
+        if graph and not hasattr(sampler, "index"):
+            raise EditError(f"cuda_graphs needs a sampler that takes device step indices (lms), not "
+                            f"{type(sampler).__name__}")
+        self.placement.use(unet)
+        return run_steps(step, indices, sampler.index if graph else None, graph, self.unet_evals)
 
     def finish(self, job: Job, mask: torch.Tensor) -> torch.Tensor:
         """The inpainting finish every mask method shares: (3, S, S) edit of job.x0 inside `mask`."""
@@ -445,11 +508,15 @@ class InstDiffEdit:
         sampler = self.sampler(o)
         x = torch.randn(masked.shape, generator=gen).to(self.device, self.dtype) * sampler.init_noise_sigma
         extra = torch.cat([m, masked], dim=1)
-        for i in _progress(range(len(sampler.timesteps)), progress, "inpainting"):
-            t = sampler.timesteps[i]
-            x = sampler.step(self.unet_cfg(self.inpaint_unet, sampler, x, i, t, emb, o.guidance, extra), i, x)
-            if callback is not None:
-                callback(i, t, StepState("inpaint", x, mask, mask.float()))
+
+        def step(i):  # in place on x; i is an int, or a device tensor when replayed (run_steps)
+            pred = self.unet_cfg(self.inpaint_unet, sampler, x, i, sampler.timestep(i), emb, o.guidance, extra)
+            x.copy_(sampler.step(pred, i, x))
+            if callback is not None:  # eager steps only (run_steps is told so): i is an int here
+                callback(i, sampler.timesteps[i], StepState("inpaint", x.clone(), mask, mask.float()))
+
+        self.run_steps(step, sampler, _progress(range(len(sampler.timesteps)), progress, "inpainting"),
+                       self.inpaint_unet, eager=callback is not None)
         check_finite(x, "the inpainting finish", guidance_cause(o.guidance))
         return self.decode(x)
 
@@ -686,7 +753,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "file uses the CLIP vocabulary bundled with the package, so it works offline)")
     p.add_argument("--device", default=None, help="cuda, mps, cpu, cuda:1, ... (default: cuda, else mps, else cpu)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on cuda/mps, fp32 on cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNets")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNets (once per input shape)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the stage-1 and inpainting steps from CUDA graphs (CUDA, --sampler lms)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep only the UNet in use on the GPU, the other on the CPU (8 GB cards; slower)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="UNets in channels-last memory format (not measured to help here; off by default)")
     p.add_argument("--mask", default=None, help="use this mask (white = edit) instead of generating one")
     p.add_argument("--save-attention", action="store_true", help="also write the labelled per-word attention maps")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
@@ -885,14 +958,21 @@ def run(args, argv: list[str], session: Session | None = None) -> int:
     inpaint_model = args.inpaint_model or default_inpaint_model(model)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    if args.cuda_graphs and torch.device(device).type != "cuda":
+        raise EditError(f"--cuda-graphs needs a CUDA device (--device {device})")
+    if args.cuda_graphs and opts.sampler != "lms":
+        raise EditError(f"--cuda-graphs needs --sampler lms (its steps take device step indices), not {opts.sampler}")
 
     tic = time.perf_counter()
     needs_inpaint = opts.inpaint and method.uses_inpaint
-    key = (model, inpaint_model if needs_inpaint else None, str(device), dtype, args.compile, args.tokenizer)
+    key = (model, inpaint_model if needs_inpaint else None, str(device), dtype, args.compile, args.tokenizer,
+           args.cuda_graphs, args.offload, args.channels_last)
     if session is not None and key in session.loaded:
         pipe, facts = session.loaded[key]
     else:
-        pipe = InstDiffEdit.from_pretrained(key[0], key[1], device, dtype, args.compile, tokenizer=args.tokenizer)
+        pipe = InstDiffEdit.from_pretrained(key[0], key[1], device, dtype, args.compile, tokenizer=args.tokenizer,
+                                            cuda_graphs=args.cuda_graphs, offload=args.offload,
+                                            channels_last=args.channels_last)
         facts = {"models": model_record(pipe), "model_sha256": model_hashes(pipe), "versions": versions(pipe.device)}
         if session is not None:
             session.loaded = {key: (pipe, facts)}  # the last models only: the ones before are freed
@@ -953,7 +1033,8 @@ def edit_one(pipe: InstDiffEdit, image: Path, out: Path, args, opts: EditOptions
         "image": str(image), "image_sha256": sha256_file(image), "edit": args.edit,
         "mask_file": args.mask, "mask_sha256": sha256_file(Path(args.mask)) if args.mask else None,
         "method": args.method, "options": opts.as_dict(), "device": str(pipe.device),
-        "dtype": str(pipe.dtype).removeprefix("torch."), "compile": args.compile,
+        "dtype": str(pipe.dtype).removeprefix("torch."), "compile": args.compile, "cuda_graphs": args.cuda_graphs,
+        "offload": args.offload, "channels_last": args.channels_last, "vae_fp32_decodes": pipe.vae_fp32_decodes,
         "unet_evals": res.unet_evals, "unet_evals_by_model": res.unet_evals_by_model, "words": res.words, "P": res.P,
         "outputs_sha256": {name: pixels_sha256(p) for name, p in pictures.items()
                            if name in ("edited.png", "mask.png", "soft_mask.png")},

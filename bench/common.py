@@ -129,3 +129,35 @@ def save_sd14_unet_folder(folder: Path, seed: int = 0) -> Path:
     del unet
     gc.collect()
     return folder
+
+
+# ---------------------------------------------------------------- diffusers' LMS scheduler without scipy
+
+class QuadShim:
+    """Stand-in for scipy.integrate where scipy is absent. diffusers' LMSDiscreteScheduler only calls
+    ``integrate.quad(f, a, b, epsrel=1e-4)[0]`` on a polynomial of degree <= 3; scipy's QUADPACK evaluates
+    its 21-point Gauss-Kronrod rule, exact for such a polynomial, and returns at once. A 21-point
+    Gauss-Legendre rule (numpy) is likewise exact, and independent of sampler/lms.py's 2-point rule."""
+
+    @classmethod
+    def quad(cls, f, a, b, epsrel=1.49e-8):
+        import numpy as np
+        x, w = np.polynomial.legendre.leggauss(21)
+        a, b = float(a), float(b)
+        mid, half = 0.5 * (a + b), 0.5 * (b - a)
+        return half * float(np.dot(w, [float(f(mid + half * t)) for t in x])), 0.0
+
+
+def diffusers_lms_module():
+    """diffusers' LMS scheduler module (its top-level name is a dummy without scipy), with QuadShim in
+    place of scipy.integrate where scipy is not installed."""
+    from diffusers.schedulers import scheduling_lms_discrete as lms
+    if not hasattr(lms, "integrate"):
+        lms.integrate = QuadShim
+    return lms
+
+
+def diffusers_lms_scheduler(**kw):
+    """The authors' scheduler: LMSDiscreteScheduler(0.00085, 0.012, "scaled_linear", 1000)."""
+    return diffusers_lms_module().LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                                      beta_schedule="scaled_linear", num_train_timesteps=1000, **kw)

@@ -44,8 +44,11 @@ PIL_FILTERS = {"bicubic": (keys_cubic, 2.0), "bilinear": (triangle, 1.0)}  # ker
 
 
 @lru_cache(maxsize=64)
-def pil_weights(in_size: int, out_size: int, filter: str = "bicubic", uint8: bool = False) -> torch.Tensor:
-    """(out_size, in_size) float64 matrix of one Pillow resampling pass along one axis (CPU).
+def pil_weights(in_size: int, out_size: int, filter: str = "bicubic", uint8: bool = False,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """(out_size, in_size) float64 matrix of one Pillow resampling pass along one axis, built on `device`
+    (default CPU) and cached per device: no host-to-device copy in a denoising step, where it would be a
+    host synchronisation (and could not be captured in a CUDA graph).
 
     Row j holds the taps of output pixel j, whose centre sits at input coordinate
     ``(j + 0.5) * in_size / out_size``. When downscaling, the kernel is stretched by the scale (an
@@ -57,11 +60,11 @@ def pil_weights(in_size: int, out_size: int, filter: str = "bicubic", uint8: boo
     scale = in_size / out_size
     stretch = max(scale, 1.0)
     support = support * stretch
-    centre = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale          # (out,)
+    centre = (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * scale  # (out,)
     # first and one-past-last input pixel of each row, rounded as Pillow does (C casts truncate)
     lo = torch.trunc(centre - support + 0.5).clamp_min(0)
     hi = torch.trunc(centre + support + 0.5).clamp_max(in_size)
-    pos = torch.arange(in_size, dtype=torch.float64)                              # (in,)
+    pos = torch.arange(in_size, dtype=torch.float64, device=device)               # (in,)
     inside = (pos[None] >= lo[:, None]) & (pos[None] < hi[:, None])
     w = torch.where(inside, kernel((pos[None] - centre[:, None] + 0.5) / stretch), torch.zeros(()))
     total = w.sum(1, keepdim=True)
@@ -86,11 +89,11 @@ def pil_resize(x: torch.Tensor, size: tuple[int, int], filter: str = "bicubic", 
     y = x.to(dtype)
     # Pillow resizes horizontally first, then vertically; it skips a pass whose size is unchanged
     if w != W:
-        y = y @ pil_weights(w, W, filter, uint8).to(device=x.device, dtype=dtype).T
+        y = y @ pil_weights(w, W, filter, uint8, x.device).to(dtype).T
         if uint8:
             y = _fixed_point_to_uint8(y)
     if h != H:
-        y = pil_weights(h, H, filter, uint8).to(device=x.device, dtype=dtype) @ y
+        y = pil_weights(h, H, filter, uint8, x.device).to(dtype) @ y
         if uint8:
             y = _fixed_point_to_uint8(y)
     return y.to(x.dtype)
@@ -121,7 +124,14 @@ def separable_conv(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def binomial_blur(x: torch.Tensor) -> torch.Tensor:
     """``cv2.GaussianBlur(x, (5, 5), 0)``: the [1, 4, 6, 4, 1] / 16 kernel, reflect-101 border."""
-    return separable_conv(x, torch.tensor(BINOMIAL_5, device=x.device, dtype=x.dtype))
+    return separable_conv(x, binomial_taps(x.device, x.dtype))
+
+
+def binomial_taps(device, dtype) -> torch.Tensor:
+    """BINOMIAL_5 made on the device (no host-to-device copy in a step): with d = |k - 2|, the row
+    C(4, k) = 1, 4, 6, 4, 1 is 6 - 1.5 d - 0.5 d^2, exact in floating point."""
+    d = (torch.arange(5, device=device, dtype=dtype) - 2).abs()
+    return (6 - 1.5 * d - 0.5 * d * d) / 16
 
 
 def default_sigma(kernel_size: int) -> float:

@@ -21,8 +21,11 @@ What is kept (method notes, "Attention capture"):
   ``mode="last"``: the map of the last closed step only.
 
 Everything is accumulated in place in fp32 on the device the probabilities arrive on: no per-step
-host copies, no ``.item()`` syncs and no Python lists of per-step tensors. The only Python-side
-state is a pair of integer counters (layers recorded in the open step, steps closed).
+host copies, no ``.item()`` syncs and no Python lists of per-step tensors. The step count that
+``maps()`` divides by is a device tensor too, so a denoising step captured once in a CUDA graph and
+replayed gives the right mean. The Python-side counters (layers recorded in the open step, steps
+closed) are bookkeeping only. Give ``tokens`` and ``device`` to allocate the buffers up front, so that a
+compiled UNet sees the same buffers from the first step on (no recompile at the second step).
 
 Usage per denoising step::
 
@@ -53,11 +56,14 @@ class AttentionStore(UNetControl):
         factor: downsampling of the recorded query grid relative to the latent (4 -> 16x16).
         layer_filter: optional extra predicate on the layer name. ``None`` accepts every
             cross-attention (``attn2``) layer at the grid.
+        tokens, device: text length and device, to allocate the buffers now rather than at the
+            first record (both or neither).
     """
 
     def __init__(self, latent_size: tuple[int, int], rounds: int = 1, cfg: bool = True,
                  mode: str = "running", factor: int = 4,
-                 layer_filter: Callable[[str], bool] | None = None):
+                 layer_filter: Callable[[str], bool] | None = None,
+                 tokens: int | None = None, device: torch.device | str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if rounds < 1 or factor < 1:
@@ -70,6 +76,7 @@ class AttentionStore(UNetControl):
         self.cfg = cfg
         self.mode = mode
         self.layer_filter = layer_filter
+        self.tokens, self.device = tokens, device
         self.reset()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -77,8 +84,17 @@ class AttentionStore(UNetControl):
         """Forget everything (call before a new edit)."""
         self._step_sum: torch.Tensor | None = None   # (tokens, query pixels): sum over layers, open step
         self._total: torch.Tensor | None = None      # (tokens, query pixels): running sum / last step
+        self._steps_t: torch.Tensor | None = None    # () float32 on the device: steps closed (maps' divisor)
         self._layers = 0                             # layers recorded in the open step
-        self.num_steps = 0                           # steps closed that contained records
+        self.num_steps = 0                           # steps closed that contained records (host count)
+        if self.tokens is not None:
+            self._allocate(self.tokens, torch.device(self.device))
+
+    def _allocate(self, tokens: int, device: torch.device) -> None:
+        q = self.grid[0] * self.grid[1]
+        self._step_sum = torch.zeros(tokens, q, dtype=torch.float32, device=device)
+        self._total = torch.zeros(tokens, q, dtype=torch.float32, device=device)
+        self._steps_t = torch.zeros((), dtype=torch.float32, device=device)
 
     # -- control protocol ----------------------------------------------------------------------
     def wants(self, name: str, hw: tuple[int, int]) -> bool:
@@ -102,7 +118,7 @@ class AttentionStore(UNetControl):
         # mean over rounds and heads -> (query pixels, tokens); fp32 so long sums stay accurate
         m = cond.float().mean(dim=(0, 1))
         if self._step_sum is None:
-            self._step_sum = torch.zeros(m.shape[1], m.shape[0], dtype=torch.float32, device=m.device)
+            self._allocate(m.shape[1], m.device)
         self._step_sum.add_(m.t())  # layers are summed now and divided by their count at end_step
         self._layers += 1
 
@@ -112,14 +128,13 @@ class AttentionStore(UNetControl):
         if self._layers == 0:
             return  # nothing recorded (e.g. a UNet call without this recorder): not a step
         step_mean = self._step_sum.div_(self._layers)  # mean over layers, in place
-        if self._total is None:
-            self._total = torch.zeros_like(step_mean)
         if self.mode == "running":
             self._total.add_(step_mean)
         else:
             self._total.copy_(step_mean)
         self._step_sum.zero_()
         self._layers = 0
+        self._steps_t.add_(1)
         self.num_steps += 1
 
     step = end_step
@@ -127,7 +142,7 @@ class AttentionStore(UNetControl):
     def maps(self) -> torch.Tensor:
         """(tokens, H // factor, W // factor) map: mean over heads, layers, rounds (and steps when
         running). A fresh tensor, so later steps do not change what the caller holds."""
-        if self._total is None:
+        if self.num_steps == 0:
             raise RuntimeError("no closed step with recorded attention: call end_step() after the UNet")
-        out = self._total / self.num_steps if self.mode == "running" else self._total.clone()
+        out = self._total / self._steps_t if self.mode == "running" else self._total.clone()
         return out.unflatten(1, self.grid)

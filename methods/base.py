@@ -7,7 +7,9 @@ calls `method.edit(pipe, job)` (or `method.mask(pipe, job)` for pipe.mask()) wit
            shared machinery: pipe.encode_text(text), pipe.encode_image(x), pipe.decode(z),
            pipe.sampler(o) (a fresh sampler with its timesteps set), pipe.noised(x0, o, gen, n),
            pipe.unet_cfg(unet, sampler, x, i, t, emb, guidance) (the one counted UNet call),
-           pipe.finish(job, mask) (the inpainting finish), pipe.progress(iterable, job.progress, label)
+           pipe.finish(job, mask) (the inpainting finish), pipe.progress(iterable, job.progress, label),
+           pipe.run_steps(step, sampler, indices, unet, eager) (a loop written as an in-place step function,
+           run eagerly or replayed from a CUDA graph: model/runtime.py; stage 1 of instdiffedit.py)
     job    one edit: the source x0, the edit text and its embedding, the validated options o, the seeded
            CPU generator gen (draw all noise from it), a user mask if one was given
 

@@ -31,25 +31,34 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
     if o.attention_res not in grids:
         raise EditError(f"attention_res {o.attention_res}: this UNet has cross-attention only at the "
                         f"{', '.join(f'{g}x{g}' for g in grids)} grids of its {h}x{w} latent")
-    store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res)
+    store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res,
+                           tokens=emb.shape[1], device=x.device)  # buffers now: a compiled UNet sees them at step 1
     positions = [pos for _, pos in words]
     names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
-    P, res = None, None
-    for i in pipe.progress(range(start, len(sampler.timesteps)), progress, "mask + guided denoising"):
-        t = sampler.timesteps[i]
-        pred = pipe.unet_cfg(pipe.unet, sampler, x, i, t, emb, o.guidance, recorder=store)
+    P = None  # Eq. 8's positions: decided at the first step, reused after
+
+    def step(i):
+        """One mask-guided denoising step, in place on x; i is an int, or a device tensor when replayed
+        from a CUDA graph (pipe.run_steps), so nothing here reads a tensor's value on the host."""
+        nonlocal P
+        pred = pipe.unet_cfg(pipe.unet, sampler, x, i, sampler.timestep(i), emb, o.guidance, recorder=store)
         store.end_step()
-        x = sampler.step(pred, i, x)
+        x_next = sampler.step(pred, i, x)
         # Eq. 6-9 on the maps so far; P (Eq. 8) is fixed at the first step and reused
         res = instant_mask(store.maps(), positions, (h, w), P=P, gamma1=o.gamma1, gamma2=o.gamma2,
                            threshold=o.threshold, exact_authors=o.exact_authors)
         P = res.P
         # Eq. 5: outside the mask, the latents follow the source image noised to this step
         y = sampler.add_noise_at(z0, eps, i)
-        m = res.mask.to(x.dtype)
-        x = y + m * (x - y)
-        if callback is not None:
-            callback(i - start, t, StepState("mask", x, res.mask, res.soft, res.word_maps, names))
+        x.copy_(y + res.mask.to(x.dtype) * (x_next - y))
+        if callback is not None:  # eager steps only (run_steps is told so): i is an int here
+            callback(i - start, sampler.timesteps[i],
+                     StepState("mask", x.clone(), res.mask, res.soft, res.word_maps, names))
+        return res
+
+    res = pipe.run_steps(step, sampler, pipe.progress(range(start, len(sampler.timesteps)), progress,
+                                                     "mask + guided denoising"), pipe.unet,
+                         eager=callback is not None)
     check_finite(x, "stage 1 (mask-guided denoising)", guidance_cause(o.guidance))
     return MaskOutput(res.mask, res.soft, res.P, names, res.word_maps, x)
 

@@ -79,6 +79,12 @@ class Sampler:
         init = int(n * strength)
         return n - init
 
+    def timestep(self, i) -> torch.Tensor:
+        """The UNet's timestep of step i as a (1,) device tensor, for an int i or a (1,) device tensor i: the
+        same shape either way, so a compiled UNet sees the same input at an eager and a replayed step."""
+        self._require_timesteps()
+        return self.timesteps.index_select(0, i) if isinstance(i, torch.Tensor) else self.timesteps[i:i + 1]
+
     def start_timestep(self, strength: float) -> torch.Tensor:
         """``timesteps[start_index(strength)]`` (the timestep at which the source is noised)."""
         i = self.start_index(strength)

@@ -81,7 +81,11 @@ class LMSSampler(Sampler):
         self.sigmas: torch.Tensor | None = None  # [N+1] float32, last = 0
         self._coeffs: torch.Tensor | None = None  # [order, N, order] float64
         self._init_noise_sigma: float | None = None
-        self.derivatives: list[torch.Tensor] = []
+        # derivative history, newest first: a fixed device buffer (order, *sample shape) and a device count
+        # of the slots filled, updated in place, so a step never reads host state and can be captured once
+        # in a CUDA graph and replayed (instdiffedit.py, --cuda-graphs)
+        self._history: torch.Tensor | None = None
+        self._filled: torch.Tensor | None = None
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
         self._set_device(device)
@@ -112,11 +116,12 @@ class LMSSampler(Sampler):
         self.sigmas = sigmas.to(self.device)
         self.train_sigmas = self._train_sigmas_cpu.to(self.device)
         self._coeffs = coeffs.to(self.device)
+        self._steps = torch.arange(N, device=self.device)  # step indices as device tensors: no host copy per step
         self.reset()
 
     def reset(self) -> None:
         super().reset()
-        self.derivatives = []
+        self._history = self._filled = None
 
     @property
     def init_noise_sigma(self) -> float:
@@ -124,31 +129,35 @@ class LMSSampler(Sampler):
         self._require_timesteps()
         return self._init_noise_sigma
 
-    def sigma_at(self, i: int) -> torch.Tensor:
-        """sigma of step i (0-d float32 tensor on the device); i = N gives the final 0."""
-        self._require_timesteps()
-        return self.sigmas[i]
+    def index(self, i) -> torch.Tensor:
+        """Step index i (int, or a (1,) int64 tensor on the device) as a (1,) device tensor."""
+        return i if isinstance(i, torch.Tensor) else self._steps[i:i + 1]
 
-    def scale_model_input(self, sample: torch.Tensor, i: int) -> torch.Tensor:
-        """x / sqrt(sigma_i^2 + 1): the UNet input for the sigma-space sample."""
+    def sigma_at(self, i) -> torch.Tensor:
+        """sigma of step i (0-d float32 tensor on the device; (1,) for a tensor i); i = N gives the final 0."""
         self._require_timesteps()
+        return self.sigmas[i] if not isinstance(i, torch.Tensor) else self.sigmas.index_select(0, i)
+
+    def scale_model_input(self, sample: torch.Tensor, i) -> torch.Tensor:
+        """x / sqrt(sigma_i^2 + 1): the UNet input for the sigma-space sample."""
         cdt = self._cdt(sample)
-        sigma = self.sigmas[i].to(cdt)
+        sigma = self.sigma_at(i).to(cdt)
         return (sample.to(cdt) / ((sigma**2 + 1) ** 0.5)).to(sample.dtype)
 
-    def step(self, model_output: torch.Tensor, i: int, sample: torch.Tensor) -> torch.Tensor:
+    def step(self, model_output: torch.Tensor, i, sample: torch.Tensor) -> torch.Tensor:
         """One LMS step from sigma_i to sigma_{i+1}; returns the new sample.
 
-        Keeps the last ``order`` derivatives; call ``reset()`` (or ``set_timesteps``) between runs.
-        Same operation order as diffusers, so trajectories agree to float rounding.
+        ``i`` is a Python int or a (1,) int64 device tensor (a CUDA graph replays one captured step
+        for every i). Keeps the last ``order`` derivatives; call ``reset()`` (or ``set_timesteps``)
+        between runs. Same operation order as diffusers, so trajectories agree to float rounding.
         """
         N = self._require_timesteps()
-        if not 0 <= i < N:
+        if not isinstance(i, torch.Tensor) and not 0 <= i < N:
             raise IndexError(f"step index {i} out of range for {N} steps")
         cdt = self._cdt(sample)
         x = sample.to(cdt)
         out = model_output.to(cdt)
-        sigma = self.sigmas[i].to(cdt)
+        sigma = self.sigma_at(i).to(cdt)
 
         pt = self.config.prediction_type
         if pt == "epsilon":
@@ -162,16 +171,24 @@ class LMSSampler(Sampler):
         self.pred_original_sample = x0.to(sample.dtype)
 
         derivative = (x - x0) / sigma
-        self.derivatives.append(derivative)
-        if len(self.derivatives) > self.order:
-            self.derivatives.pop(0)
+        if self._history is None or self._history.shape[1:] != derivative.shape or self._history.dtype != cdt:
+            self._history = torch.zeros((self.order, *derivative.shape), dtype=cdt, device=derivative.device)
+            self._filled = torch.zeros(1, dtype=torch.long, device=derivative.device)
+        self._history[1:] = self._history[:-1].clone()  # shift the history; the oldest falls off
+        self._history[0] = derivative
+        self._filled.add_(1).clamp_(max=self.order)
 
-        order = min(len(self.derivatives), self.order) if self.restart_order else min(i + 1, self.order)
-        coeffs = self._coeffs[order - 1, i].to(cdt)
-        acc = None
-        for j, d in zip(range(order), reversed(self.derivatives)):
-            term = coeffs[j] * d
-            acc = term if acc is None else acc + term
+        # coefficient row of this step: diffusers' order min(i + 1, order) from the schedule index, or
+        # with restart_order the history actually collected; slots beyond the history get 0, as
+        # diffusers' zip over the shorter history leaves them out
+        idx = self.index(i)
+        order = self._filled if self.restart_order else (idx + 1).clamp(max=self.order)
+        row = self._coeffs.flatten(0, 1).index_select(0, (order - 1) * N + idx)[0]  # (order,) float64
+        j = torch.arange(self.order, device=row.device)
+        coeffs = torch.where(j < torch.minimum(order, self._filled), row, torch.zeros_like(row)).to(cdt)
+        acc = coeffs[0] * self._history[0]
+        for k in range(1, self.order):  # sequential sum in diffusers' order; absent slots add exact zeros
+            acc = acc + coeffs[k] * self._history[k]
         return (x + acc).to(sample.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:

@@ -535,3 +535,17 @@ def test_same_seed_same_files(cli, image, tmp_path):
         runs[name] = {n: (tmp_path / name / n).read_bytes() for n in ("edited.png", "mask.png", "soft_mask.png")}
     assert runs["a"] == runs["b"]
     assert runs["a"]["edited.png"] != runs["c"]["edited.png"]
+
+
+# ---------------------------------------------------------------- device-level flags (On a GPU)
+
+def test_device_flags_in_run_json_and_their_errors(cli, image, tmp_path):
+    out = tmp_path / "out"
+    rc, _, err = cli("--image", image, "--edit", "a red ball", "--out", out, "--offload", "--channels-last")
+    assert rc == 0, err
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["offload"] is True and rec["channels_last"] is True and rec["cuda_graphs"] is False
+    assert rec["vae_fp32_decodes"] == 0
+    rc, _, err = cli("--image", image, "--edit", "a red ball", "--out", tmp_path / "o2", "--cuda-graphs")
+    assert_error(rc, err, "--cuda-graphs needs a CUDA device")
+    assert not (tmp_path / "o2").exists()

@@ -19,30 +19,12 @@ from sampler import (
 diffusers = pytest.importorskip("diffusers")
 import numpy as np  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402
-from diffusers.schedulers import scheduling_lms_discrete as _lms_module  # noqa: E402
 
-# The real class (the top-level `diffusers.LMSDiscreteScheduler` is a dummy without scipy).
-LMSDiscreteScheduler = _lms_module.LMSDiscreteScheduler
+from bench.common import diffusers_lms_module, diffusers_lms_scheduler  # noqa: E402
 
-
-class _QuadShim:
-    """Stand-in for scipy.integrate when scipy is absent (it is not installed here). diffusers only
-    calls ``integrate.quad(f, a, b, epsrel=1e-4)[0]`` on a polynomial of degree <= 3; scipy's QUADPACK
-    evaluates its 21-point Gauss-Kronrod rule, exact for such a polynomial, and returns at once. A
-    21-point Gauss-Legendre rule (numpy) is likewise exact, and independent of our 2-point rule."""
-
-    _x, _w = np.polynomial.legendre.leggauss(21)
-
-    @classmethod
-    def quad(cls, f, a, b, epsrel=1.49e-8):
-        a, b = float(a), float(b)
-        mid, half = 0.5 * (a + b), 0.5 * (b - a)
-        vals = [float(f(mid + half * x)) for x in cls._x]
-        return half * float(np.dot(cls._w, vals)), 0.0
-
-
-if not hasattr(_lms_module, "integrate"):
-    _lms_module.integrate = _QuadShim
+# The real class (the top-level `diffusers.LMSDiscreteScheduler` is a dummy without scipy; where scipy is
+# absent, bench.common.QuadShim, an exact 21-point Gauss-Legendre rule, stands in for scipy.integrate).
+LMSDiscreteScheduler = diffusers_lms_module().LMSDiscreteScheduler
 
 # stable-diffusion-v1-4/scheduler/scheduler_config.json
 SD14_SCHEDULER_CONFIG = {
@@ -64,9 +46,7 @@ TOL = 1e-6
 
 def authors_lms(**kw) -> LMSDiscreteScheduler:
     """The authors' scheduler: explicit constructor, default "linspace" spacing."""
-    return LMSDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, **kw
-    )
+    return diffusers_lms_scheduler(**kw)
 
 
 def sd14_ddim(**kw) -> DDIMScheduler:
