@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from evaluation.metrics import change_rates, mask_iou
+from evaluation.stats import bootstrap_ci, ratio_of_means
 from mask.instant import gaussian_blur, minmax
-from toy.world import benchmark_cases, render
+from toy.world import BENCHMARK_SEED_SETS, KINDS, benchmark_cases, render
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, INPAINT_MODEL = ROOT / "assets" / "toy-sd", ROOT / "assets" / "toy-sd-inpaint"
+ATTENTION_RES = 16  # the toy's default map grid (latent / 2); README explains the choice
 
 
 def source_text(case) -> str:
@@ -81,17 +83,45 @@ def run_cases(pipe, cases, method: str = "instdiffedit", full: bool = True, gt_m
     return rows
 
 
+def _values(rows: list[dict], key: str, kind: str | None = None) -> list[float]:
+    return [r[key] for r in rows if r.get(key) is not None and np.isfinite(r[key]) and kind in (None, r["kind"])]
+
+
+def _paired(rows: list[dict], a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two per-case columns, over the cases that have both (C_m and C_non of one edit)."""
+    both = [r for r in rows if all(r.get(k) is not None and np.isfinite(r[k]) for k in (a, b))]
+    return np.array([r[a] for r in both]), np.array([r[b] for r in both])
+
+
 def summarise(rows: list[dict]) -> dict:
-    def mean(key):
-        vals = [r[key] for r in rows if r.get(key) is not None and np.isfinite(r[key])]
+    def mean(key, kind=None):
+        vals = _values(rows, key, kind)
         return float(np.mean(vals)) if vals else None
     out = {"n": len(rows), "seconds": mean("seconds"), "iou": mean("iou"), "iou_sot_only": mean("iou_sot_only"),
            "c_m": mean("c_m"), "c_non": mean("c_non")}
-    out["rate"] = out["c_m"] / out["c_non"] if out["c_m"] is not None and out["c_non"] else None
-    for kind in ("main", "secondary", "background"):
-        sub = [r for r in rows if r["kind"] == kind and r.get("iou") is not None]
-        out[f"iou_{kind}"] = float(np.mean([r["iou"] for r in sub])) if sub else None
+    c_m, c_non = _paired(rows, "c_m", "c_non")
+    out["rate"] = float(c_m.mean() / c_non.mean()) if len(c_m) and c_non.mean() > 0 else None
+    for kind in KINDS:
+        out[f"iou_{kind}"] = mean("iou", kind)
+    out["ci"] = confidence_intervals(rows)
     return out
+
+
+def confidence_intervals(rows: list[dict], level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """95% percentile-bootstrap intervals over cases (evaluation.stats) of every summary figure:
+    IoU overall and per kind, the SOT-only IoU, C_m, C_non, and the rate as a ratio of means
+    (C_m and C_non of a case resampled together). Figures without values are left out."""
+    ci = {}
+    for key in ("iou", "iou_sot_only", "c_m", "c_non"):
+        if vals := _values(rows, key):
+            ci[key] = bootstrap_ci(vals, level=level)
+    for kind in KINDS:
+        if vals := _values(rows, "iou", kind):
+            ci[f"iou_{kind}"] = bootstrap_ci(vals, level=level)
+    c_m, c_non = _paired(rows, "c_m", "c_non")
+    if len(c_m) and c_non.mean() > 0:
+        ci["rate"] = bootstrap_ci((c_m, c_non), statistic=ratio_of_means, level=level)
+    return ci
 
 
 def _fmt(v, pct=False) -> str:
@@ -100,15 +130,21 @@ def _fmt(v, pct=False) -> str:
     return f"{100 * v:.1f}" if pct else f"{v:.2f}"
 
 
+def _fmt_ci(s: dict, key: str, pct=False) -> str:
+    """'61.1 [58.0, 64.1]': the figure and its 95% CI, when the summary has one."""
+    ci = s.get("ci", {}).get(key)
+    return _fmt(s[key], pct) + (f" [{_fmt(ci[0], pct)}, {_fmt(ci[1], pct)}]" if ci else "")
+
+
 def table(title: str, summaries: dict[str, dict]) -> str:
-    lines = [f"\n{title}", f"| {'setting':<28} | n | s/edit | IoU | IoU SOT-only | IoU main/sec/bg | C_m % | C_non % | rate |",
-             "|" + "---|" * 9]
+    lines = [f"\n{title}", f"| {'setting':<28} | n | s/edit | IoU | IoU SOT-only | IoU main / sec / bg | C_m % | "
+                           f"C_non % | rate |", "|" + "---|" * 9]
     for name, s in summaries.items():
-        per_kind = "/".join(_fmt(s[f'iou_{k}'], True) for k in ("main", "secondary", "background"))
-        lines.append(f"| {name:<28} | {s['n']} | {_fmt(s['seconds'])} | {_fmt(s['iou'], True)} | "
-                     f"{_fmt(s['iou_sot_only'], True)} | {per_kind} | {_fmt(s['c_m'], True)} | "
-                     f"{_fmt(s['c_non'], True)} | {_fmt(s['rate'])} |")
-    return "\n".join(lines)
+        per_kind = " / ".join(_fmt_ci(s, f"iou_{k}", True) for k in KINDS)
+        lines.append(f"| {name:<28} | {s['n']} | {_fmt(s['seconds'])} | {_fmt_ci(s, 'iou', True)} | "
+                     f"{_fmt_ci(s, 'iou_sot_only', True)} | {per_kind} | {_fmt_ci(s, 'c_m', True)} | "
+                     f"{_fmt_ci(s, 'c_non', True)} | {_fmt_ci(s, 'rate')} |")
+    return "\n".join(lines) + "\n[a, b]: 95% bootstrap interval over the cases (evaluation/stats.py)"
 
 
 def main(argv=None) -> int:
@@ -121,20 +157,27 @@ def main(argv=None) -> int:
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--no-methods", action="store_true")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--out", default=str(ROOT / "runs" / "eval-toy"))
+    p.add_argument("--seed-set", choices=sorted(BENCHMARK_SEED_SETS), default="a",
+                   help="fixed case seeds: a (the set every figure is reported on) or b (disjoint, out of sample)")
+    p.add_argument("--attention-res", type=int, default=ATTENTION_RES,
+                   help=f"grid of the cross-attention maps (default {ATTENTION_RES}; see README)")
+    p.add_argument("--out", default=None, help="default runs/eval-toy (seed set a) or runs/eval-toy-b")
     args = p.parse_args(argv)
+    args.out = args.out or str(ROOT / "runs" / ("eval-toy" if args.seed_set == "a" else f"eval-toy-{args.seed_set}"))
 
     from instdiffedit import InstDiffEdit
     torch.manual_seed(0)
     pipe = InstDiffEdit.from_pretrained(args.model, args.inpaint_model, device="cpu", dtype=torch.float32)
-    cases = benchmark_cases(max(args.n, args.ablation_n, args.methods_n), size=pipe.size)
+    cases = benchmark_cases(max(args.n, args.ablation_n, args.methods_n), size=pipe.size, seed_set=args.seed_set)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, report = {}, []
 
-    rows = run_cases(pipe, cases[: args.n], steps=args.steps)
-    results["default"] = {"summary": summarise(rows), "rows": rows}
-    report.append(table("InstDiffEdit at its defaults (r 0.5, phi 0.2, n 3, LMS 50 steps, CFG 7.5)",
+    rows = run_cases(pipe, cases[: args.n], steps=args.steps, attention_res=args.attention_res)
+    results["default"] = {"summary": summarise(rows), "rows": rows, "seed_set": args.seed_set,
+                          "attention_res": args.attention_res}
+    report.append(table(f"InstDiffEdit at its defaults (r 0.5, phi 0.2, n 3, LMS 50 steps, CFG 7.5), seed set "
+                        f"{args.seed_set}, {args.attention_res}x{args.attention_res} maps",
                         {"instdiffedit": results["default"]["summary"]}))
     print(report[-1], flush=True)
 
@@ -142,10 +185,10 @@ def main(argv=None) -> int:
         subset = cases[: args.methods_n]
         comp = {"instdiffedit": summarise([r for r in rows if r["id"] in {c.id for c in subset}])}
         for method in ("diffedit", "sdedit"):
-            r = run_cases(pipe, subset, method=method, steps=args.steps)
+            r = run_cases(pipe, subset, method=method, steps=args.steps, attention_res=args.attention_res)
             results[method] = {"summary": summarise(r), "rows": r}
             comp[method] = results[method]["summary"]
-        r = run_cases(pipe, subset, gt_mask=True, steps=args.steps)
+        r = run_cases(pipe, subset, gt_mask=True, steps=args.steps, attention_res=args.attention_res)
         results["gt_mask"] = {"summary": summarise(r), "rows": r}
         comp["ground-truth mask + finish"] = results["gt_mask"]["summary"]
         ins, de, sd = comp["instdiffedit"], comp["diffedit"], comp["sdedit"]
@@ -160,7 +203,8 @@ def main(argv=None) -> int:
         abl = {}
         for r_ in (0.4, 0.5, 0.6):
             for phi in (0.1, 0.2, 0.3):
-                rs = run_cases(pipe, subset, full=False, strength=r_, threshold=phi, steps=args.steps)
+                rs = run_cases(pipe, subset, full=False, strength=r_, threshold=phi, steps=args.steps,
+                               attention_res=args.attention_res)
                 abl[f"r={r_} phi={phi}"] = summarise(rs)
         results["ablation"] = abl
         report.append(table(f"Ablation, masks only ({len(subset)} cases per cell; Table 2 of the paper)", abl))
