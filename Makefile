@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench eval-toy toy-model clean
+.PHONY: test test-fast demo bench eval-toy table1 toy-model clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(STAMP)
 # edit-quality benchmark on held-out synthetic scenes (exact GT masks); writes runs/eval-toy/
 eval-toy: $(STAMP)
 	$(BIN)/python -m toy.benchmark
+
+# toy Table 1: every registered method (methods/) on the same 16 toy scenes: s/edit, UNet evals/edit, IoU, C_m, C_non
+table1: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m toy.benchmark --table1 --methods-n 16 --out runs/table1-toy
 
 # retrain the bundled toy model from its seed (estimated 2 h 20 min on one CPU thread; assets/TRAINING.md)
 toy-model: $(STAMP)

@@ -19,16 +19,14 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mask.diffedit import DiffEditMask, diffedit_mask
-from mask.instant import instant_mask
-from mask.store import AttentionStore
+from methods import REGISTRY, EditError, EditOptions, Job, MaskOutput, add_arguments, get_method, options_from_args
 from sampler import SchedulerConfig, cfg, make_sampler
 from weights import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, WeightsError, load
 
@@ -37,64 +35,8 @@ TOY_INPAINT_MODEL = str(Path(__file__).resolve().parent / "assets" / "toy-sd-inp
 MAX_PIXELS = 64_000_000  # larger inputs are refused as possible decompression bombs
 
 
-class EditError(ValueError):
-    """Bad user input; the CLI prints the message on one line and exits non-zero."""
-
-
 # ---------------------------------------------------------------- options and results
-
-@dataclass
-class EditOptions:
-    strength: float = 0.5     # noise strength r: stage 1 runs the last int(steps * r) steps
-    threshold: float = 0.2    # phi: binarisation threshold of the refined map (Eq. 9)
-    rounds: int = 3           # n parallel denoising rounds whose attention maps are averaged
-    steps: int = 50           # inference steps of both stages
-    guidance: float = 7.5     # classifier-free guidance scale
-    sampler: str = "lms"      # "lms" (the authors') or "ddim"
-    seed: int = 0             # master seed: every round's noise and the inpainting noise derive from it
-    gamma1: float = 0.9       # Eq. 8: similarity at or above which a word joins the mask
-    gamma2: float = 0.6       # Eq. 8: similarity at or below which a word is subtracted
-    attention: str = "running"  # "running": mean of the maps of all steps so far (authors); "instant"
-    attention_res: int = 16     # cross-attention maps recorded at this grid: the authors' 16x16 (SD v1.4: latent / 4)
-    inpaint: bool = True      # False: decode the Eq. 5 result of round 0 instead of inpainting
-    method: str = "instdiffedit"  # or the paper's baselines: "diffedit", "sdedit"
-    source: str = ""          # DiffEdit only: text describing the source image ("" = unconditional)
-    diffedit_samples: int = 10  # DiffEdit: noise samples averaged (the InstDiffEdit authors used 10)
-    diffedit_ratio: float = 3.0  # DiffEdit: clamp at ratio x mean difference, binarise at half (diffusers)
-    diffedit_blur: int = 0    # DiffEdit: Gaussian blur kernel before thresholding (authors: 5; 0 = none)
-
-    def check(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise EditError(f"threshold {self.threshold} is outside [0, 1]")
-        if not 0.0 < self.strength <= 1.0:
-            raise EditError(f"strength {self.strength} is outside (0, 1]")
-        if self.rounds < 1:
-            raise EditError(f"rounds {self.rounds} must be at least 1")
-        if self.steps < 1:
-            raise EditError(f"steps {self.steps} must be at least 1")
-        if int(self.steps * self.strength) < 1:
-            raise EditError(f"strength {self.strength} x steps {self.steps} leaves no step to run")
-        if self.sampler not in ("lms", "ddim"):
-            raise EditError(f"sampler '{self.sampler}' is not one of lms, ddim")
-        if self.method not in ("instdiffedit", "diffedit", "sdedit"):
-            raise EditError(f"method '{self.method}' is not one of instdiffedit, diffedit, sdedit")
-        if self.diffedit_samples < 1:
-            raise EditError(f"diffedit_samples {self.diffedit_samples} must be at least 1")
-        if self.attention not in ("running", "instant"):
-            raise EditError(f"attention '{self.attention}' is not one of running, instant")
-        if self.attention_res < 1:
-            raise EditError(f"attention_res {self.attention_res} must be at least 1")
-
-
-@dataclass
-class MaskOutput:
-    mask: torch.Tensor        # (H, W) bool at latent resolution
-    soft: torch.Tensor        # (H, W) float in [0, 1] at latent resolution
-    P: torch.Tensor           # Eq. 8 positions, one per word (SOT and EOT included, 0)
-    words: list[str]          # ["<sot>", word..., "<eot>"], aligned with P and word_maps
-    word_maps: torch.Tensor   # (words, H, W) normalised maps the mask was built from
-    latents: torch.Tensor     # (rounds, C, h, w) Eq. 5 result after the last step
-
+# EditError, EditOptions (the validated options) and MaskOutput live with the method registry (methods/)
 
 @dataclass
 class EditResult:
@@ -104,7 +46,9 @@ class EditResult:
     P: list[int]
     words: list[str]
     word_maps: torch.Tensor
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # mask_s (the method), finish_s (inpainting)
+    unet_evals: int = 0       # UNet image-evaluations of the edit (batch rows, counted at every call)
+    unet_evals_by_model: dict[str, int] = field(default_factory=dict)  # {"unet": ..., "inpaint_unet": ...}
 
 
 # ---------------------------------------------------------------- images
@@ -190,6 +134,7 @@ class InstDiffEdit:
         self.scale = self.vae.config.scaling_factor
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.size = self.unet.config.sample_size * self.vae_factor  # the trained image size: 512 for SD v1.x
+        self.unet_evals: dict[str, int] = {}  # UNet image-evaluations since the last edit()/mask() began
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, inpaint_model: str | None = DEFAULT_INPAINT_MODEL,
@@ -224,80 +169,56 @@ class InstDiffEdit:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z / self.scale)
 
-    def _unet_cfg(self, unet, sampler, x, i, t, emb, guidance, extra=None, recorder=None):
+    # -- what every method shares (methods/base.py lists it)
+
+    def call_unet(self, unet, inp: torch.Tensor, t, ctx: torch.Tensor, recorder=None) -> torch.Tensor:
+        """THE UNet call of every method: counts the image-evaluations (batch rows) it runs."""
+        key = "inpaint_unet" if unet is self.inpaint_unet else "unet"
+        self.unet_evals[key] = self.unet_evals.get(key, 0) + inp.shape[0]
+        return unet(inp, t, ctx, recorder=recorder)
+
+    def unet_cfg(self, unet, sampler, x, i, t, emb, guidance, extra=None, recorder=None):
         """One classifier-free-guided model prediction for a batch x of n latents; emb is (2, 77, D)."""
         n = x.shape[0]
         inp = sampler.scale_model_input(torch.cat([x, x]), i)
         if extra is not None:  # inpainting: mask and masked-image latents as extra channels
             inp = torch.cat([inp, torch.cat([extra, extra])], dim=1)
         ctx = emb.repeat_interleave(n, dim=0)  # [uncond x n, cond x n]
-        uncond, cond = unet(inp, t, ctx, recorder=recorder).chunk(2)
+        uncond, cond = self.call_unet(unet, inp, t, ctx, recorder).chunk(2)
         return cfg(uncond, cond, guidance)
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator("cpu").manual_seed(seed)  # noise drawn on the CPU: the same on every device
 
-    # -- stage 1: instant mask and mask-guided denoising (Eq. 4-9)
-
-    def _noised(self, x0: torch.Tensor, o: EditOptions, gen: torch.Generator, n: int):
-        """Source latents z0 (n copies), n noises (one per round), and z0 noised to strength r."""
-        z0 = self.encode_image(x0)
+    def sampler(self, o: EditOptions):
+        """A fresh sampler (no LMS history) with o.steps timesteps set."""
         sampler = make_sampler(o.sampler, self.scheduler_config)
         sampler.set_timesteps(o.steps, self.device)
+        return sampler
+
+    def noised(self, x0: torch.Tensor, o: EditOptions, gen: torch.Generator, n: int):
+        """Source latents z0 (n copies), n noises (one per round or sample), and z0 noised to strength r."""
+        z0 = self.encode_image(x0)
+        sampler = self.sampler(o)
         start = sampler.start_index(o.strength)
         eps = torch.randn((n, *z0.shape[1:]), generator=gen).to(self.device, self.dtype)
         z0 = z0.expand(n, -1, -1, -1)
         return sampler, start, z0, eps, sampler.add_noise_at(z0, eps, start)
 
-    @torch.no_grad()
-    def _stage1(self, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generator,
-                progress: bool = False, emb: torch.Tensor | None = None) -> MaskOutput:
-        words = self.tokenizer.words(edit)  # [(word, [token positions])], positions count SOT as 0
-        emb = self.encode_text(edit) if emb is None else emb
-        sampler, start, z0, eps, x = self._noised(x0, o, gen, o.rounds)
-        h, w = z0.shape[-2:]
-        if h % o.attention_res or w % o.attention_res:
-            raise EditError(f"attention_res {o.attention_res} does not divide the {h}x{w} latent")
-        store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res)
-        positions = [pos for _, pos in words]
-        P, res = None, None
-        for i in _progress(range(start, len(sampler.timesteps)), progress, "mask + guided denoising"):
-            t = sampler.timesteps[i]
-            pred = self._unet_cfg(self.unet, sampler, x, i, t, emb, o.guidance, recorder=store)
-            store.end_step()
-            x = sampler.step(pred, i, x)
-            # Eq. 6-9 on the maps so far; P (Eq. 8) is fixed at the first step and reused
-            res = instant_mask(store.maps(), positions, (h, w), P=P, gamma1=o.gamma1, gamma2=o.gamma2,
-                               threshold=o.threshold)
-            P = res.P
-            # Eq. 5: outside the mask, the latents follow the source image noised to this step
-            y = sampler.add_noise_at(z0, eps, i)
-            m = res.mask.to(x.dtype)
-            x = y + m * (x - y)
-        names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
-        return MaskOutput(res.mask, res.soft, res.P, names, res.word_maps, x)
+    def progress(self, it, enabled: bool, desc: str):
+        return _progress(it, enabled, desc)
 
-    # -- baselines on the same models, samplers and seeds (paper Table 1)
+    def finish(self, job: Job, mask: torch.Tensor) -> torch.Tensor:
+        """The inpainting finish every mask method shares: (3, S, S) edit of job.x0 inside `mask`."""
+        if not job.o.inpaint:
+            raise EditError(f"--no-inpaint decodes InstDiffEdit's Eq. 5 result: it needs the instdiffedit "
+                            f"method and no --mask (method {job.o.method})")
+        tic = _clock(self.device)
+        out = self.inpaint(job.x0, mask, job.emb, job.o, job.gen, job.progress)[0]
+        job.timings["finish_s"] = _clock(self.device) - tic
+        return out
 
-    @torch.no_grad()
-    def _sdedit(self, x0: torch.Tensor, emb: torch.Tensor, o: EditOptions, gen: torch.Generator,
-                progress: bool = False) -> torch.Tensor:
-        """SDEdit (Meng et al. 2022): noise to strength r, denoise with the edit text, no mask."""
-        sampler, start, _, _, x = self._noised(x0, o, gen, 1)
-        for i in _progress(range(start, len(sampler.timesteps)), progress, "sdedit"):
-            x = sampler.step(self._unet_cfg(self.unet, sampler, x, i, sampler.timesteps[i], emb, o.guidance), i, x)
-        return self.decode(x)
-
-    @torch.no_grad()
-    def _diffedit(self, x0: torch.Tensor, emb: torch.Tensor, o: EditOptions, gen: torch.Generator) -> DiffEditMask:
-        """DiffEdit's mask: noise predictions under the source and the edit text differ where the edit goes."""
-        sampler, start, _, _, x = self._noised(x0, o, gen, o.diffedit_samples)
-        t = sampler.timesteps[start]
-        pred_source = self._unet_cfg(self.unet, sampler, x, start, t, self.encode_text(o.source), o.guidance)
-        pred_edit = self._unet_cfg(self.unet, sampler, x, start, t, emb, o.guidance)
-        return diffedit_mask(pred_source, pred_edit, o.diffedit_ratio, o.diffedit_blur or None)
-
-    # -- stage 2: inpainting finish
+    # -- the inpainting finish
 
     @torch.no_grad()
     def inpaint(self, x0: torch.Tensor, mask: torch.Tensor, prompt: str | torch.Tensor, o: EditOptions,
@@ -311,68 +232,74 @@ class InstDiffEdit:
         m_img = F.interpolate(m, size=x0.shape[-2:], mode="nearest")
         masked = self.encode_image(x0 * (m_img < 0.5))
         emb = self.encode_text(prompt) if isinstance(prompt, str) else prompt
-        sampler = make_sampler(o.sampler, self.scheduler_config)
-        sampler.set_timesteps(o.steps, self.device)
+        sampler = self.sampler(o)
         x = torch.randn(masked.shape, generator=gen).to(self.device, self.dtype) * sampler.init_noise_sigma
         extra = torch.cat([m, masked], dim=1)
         for i in _progress(range(len(sampler.timesteps)), progress, "inpainting"):
             t = sampler.timesteps[i]
-            x = sampler.step(self._unet_cfg(self.inpaint_unet, sampler, x, i, t, emb, o.guidance, extra), i, x)
+            x = sampler.step(self.unet_cfg(self.inpaint_unet, sampler, x, i, t, emb, o.guidance, extra), i, x)
         return self.decode(x)
 
     # -- public API
 
+    def options(self, method: str = "instdiffedit", **options) -> EditOptions:
+        """Validated options; also checks those that depend on the loaded model."""
+        o = EditOptions(method, **options)
+        train_steps = self.scheduler_config.num_train_timesteps
+        if o.steps > train_steps:
+            raise EditError(f"steps {o.steps} is more than the model's {train_steps} training timesteps")
+        return o
+
     def _prepare(self, image, edit: str, o: EditOptions):
-        o.check()
-        if not edit or not edit.strip():
+        if not isinstance(edit, str) or not edit.strip():
             raise EditError("the edit text is empty")
+        if get_method(o.method).needs_source and not o.source.strip():
+            raise EditError(f"method {o.method} needs the text of what the image shows (--source / source=)")
         img = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
         return img, to_tensor(img, self.size, self.device, self.dtype)
 
-    def mask(self, image, edit: str, progress: bool = False, **options) -> MaskOutput:
-        """The InstDiffEdit mask alone (stage 1)."""
-        o = EditOptions(**options)
-        _, x0 = self._prepare(image, edit, o)
-        return self._stage1(x0, edit, o, self._generator(o.seed), progress)
+    def _job(self, image, edit: str, o: EditOptions, progress: bool, mask=None):
+        img, x0 = self._prepare(image, edit, o)
+        job = Job(x0, edit, self.encode_text(edit), o, self._generator(o.seed), None, progress)
+        if mask is not None:
+            h, w = (s // self.vae_factor for s in x0.shape[-2:])
+            job.mask = F.interpolate(mask.float()[None, None], size=(h, w), mode="area")[0, 0].to(self.device) > 0.5
+        self.unet_evals = {}  # call_unet counts into this
+        return img, job
+
+    def mask(self, image, edit: str, progress: bool = False, method: str = "instdiffedit",
+             **options) -> MaskOutput:
+        """The mask of `method` alone (InstDiffEdit: stage 1); EditError for a method that makes none."""
+        o = self.options(method, **options)
+        m = get_method(method)
+        if not m.makes_mask:
+            raise EditError(f"method {method} makes no mask")
+        tic = _clock(self.device)
+        _, job = self._job(image, edit, o, progress)
+        out = m.mask(self, job)
+        out.seconds, out.unet_evals = _clock(self.device) - tic, sum(self.unet_evals.values())
+        return out
 
     def edit(self, image, edit: str, mask: torch.Tensor | None = None, progress: bool = False,
-             **options) -> EditResult:
-        """Edit `image` (path or PIL) toward the text `edit`. `mask` (bool, any size) skips stage 1."""
-        o = EditOptions(**options)
-        img, x0 = self._prepare(image, edit, o)
-        gen = self._generator(o.seed)
-        timings: dict[str, float] = {}
+             method: str = "instdiffedit", **options) -> EditResult:
+        """Edit `image` (path or PIL) toward the text `edit` with `method` (see methods.REGISTRY).
+        `mask` (bool, any size) replaces the method's own mask."""
+        o = self.options(method, **options)
         tic = _clock(self.device)
-        emb = self.encode_text(edit)  # once: stage 1 and the finish share it
-        h, w = (s // self.vae_factor for s in x0.shape[-2:])
-        soft, P, words, maps, st1 = None, [], [], torch.zeros(0, h, w), None
-        if mask is not None:
-            m = F.interpolate(mask.float()[None, None], size=(h, w), mode="area")[0, 0].to(self.device) > 0.5
-        elif o.method == "instdiffedit":
-            st1 = self._stage1(x0, edit, o, gen, progress, emb)
-            m, soft, P, words, maps = st1.mask, st1.soft, [int(v) for v in st1.P.tolist()], st1.words, st1.word_maps
-        elif o.method == "diffedit":
-            de = self._diffedit(x0, emb, o, gen)
-            m, soft = de.mask, de.soft
-        else:  # sdedit: no mask, the whole image may change
-            m = torch.ones(h, w, dtype=torch.bool, device=self.device)
-        timings["mask_s"] = _clock(self.device) - tic
-        tic = _clock(self.device)
-        if o.method == "sdedit" and mask is None:
-            out = self._sdedit(x0, emb, o, gen, progress)[0]
-        elif o.inpaint:
-            out = self.inpaint(x0, m, emb, o, gen, progress)[0]
-        else:
-            if st1 is None:
-                raise EditError("--no-inpaint decodes InstDiffEdit's Eq. 5 result: it needs the instdiffedit "
-                                "method and no --mask")
-            out = self.decode(st1.latents[:1])[0]
-        timings["finish_s"] = _clock(self.device) - tic
+        img, job = self._job(image, edit, o, progress, mask)
+        out = get_method(method).edit(self, job)
+        total = _clock(self.device) - tic
+        timings = {"mask_s": total - job.timings.get("finish_s", 0.0), "finish_s": job.timings.get("finish_s", 0.0)}
+        h, w = job.x0.shape[-2] // self.vae_factor, job.x0.shape[-1] // self.vae_factor
+        st = out.mask
+        m = torch.ones(h, w, dtype=torch.bool) if st is None else st.mask  # no mask: the whole image may change
+        soft = m.float() if st is None else st.soft
+        maps = st.word_maps if st is not None and st.word_maps is not None else torch.zeros(0, h, w)
+        P = [int(v) for v in st.P] if st is not None else []
         size = img.size
-        edited = to_pil(out).resize(size, Image.BICUBIC)
-        soft = m.float() if soft is None else soft
-        return EditResult(edited, map_to_pil(m, size, binary=True), map_to_pil(soft, size), P, words,
-                          maps.float().cpu(), timings)
+        return EditResult(to_pil(out.image).resize(size, Image.BICUBIC), map_to_pil(m, size, binary=True),
+                          map_to_pil(soft, size), P, st.words if st is not None else [], maps.float().cpu(),
+                          timings, sum(self.unet_evals.values()), dict(self.unet_evals))
 
 
 def _clock(device: torch.device) -> float:
@@ -421,13 +348,6 @@ EXAMPLES = """examples:
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _fraction(s: str) -> float:
-    try:
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{s}' is not a number") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="instdiffedit.py", description=__doc__.split("\n\n")[0],
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -439,28 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"SD v1.x: hub id, diffusers folder or single file, or 'toy' (default: {DEFAULT_MODEL})")
     p.add_argument("--inpaint-model", default=None,
                    help=f"inpainting UNet source (default: {DEFAULT_INPAINT_MODEL}; the toy one with --model toy)")
-    p.add_argument("--strength", type=_fraction, default=0.5, help="noise strength r in (0, 1] (default 0.5)")
-    p.add_argument("--threshold", type=_fraction, default=0.2, help="mask threshold phi in [0, 1] (default 0.2)")
-    p.add_argument("--rounds", type=int, default=3, help="parallel denoising rounds n (default 3)")
-    p.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
-    p.add_argument("--guidance", type=_fraction, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--sampler", choices=["lms", "ddim"], default="lms", help="scheduler (default lms, as the authors)")
-    p.add_argument("--attention", choices=["running", "instant"], default="running",
-                   help="maps averaged over the steps so far (authors, default) or this step's only")
-    p.add_argument("--attention-res", type=int, default=16,
-                   help="grid of the cross-attention maps used for the mask (default 16, SD v1.x: latent / 4)")
-    p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets")
-    p.add_argument("--method", choices=["instdiffedit", "diffedit", "sdedit"], default="instdiffedit",
-                   help="InstDiffEdit (default) or the paper's baselines DiffEdit / SDEdit, on the same models")
-    p.add_argument("--source", default="", help="DiffEdit only: text describing the input image")
     p.add_argument("--mask", default=None, help="use this mask (white = edit) instead of generating one")
-    p.add_argument("--no-inpaint", action="store_true", help="decode the Eq. 5 result instead of inpainting")
     p.add_argument("--save-attention", action="store_true", help="also write the labelled per-word attention maps")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    add_arguments(p)  # --method and every method's options, from their specs (methods/options.py)
     return p
 
 
@@ -503,12 +409,10 @@ def run(args) -> int:
     image, out = Path(args.image), Path(args.out)
     if not args.edit.strip():
         raise EditError("--edit is empty")
-    opts = EditOptions(strength=args.strength, threshold=args.threshold, rounds=args.rounds, steps=args.steps,
-                       guidance=args.guidance, sampler=args.sampler, seed=args.seed, attention=args.attention,
-                       attention_res=args.attention_res,
-                       inpaint=not args.no_inpaint, method=args.method, source=args.source)
-    opts.check()
-    if args.no_inpaint and args.mask:
+    given = options_from_args(args)
+    opts = EditOptions(args.method, **given)
+    method = get_method(args.method)
+    if not opts.inpaint and args.mask:
         raise EditError("--no-inpaint decodes the stage-1 result, which --mask skips: use one of them")
     _check_out(out, image, args.overwrite)
     img = load_image(image)
@@ -527,7 +431,7 @@ def run(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
 
     tic = time.perf_counter()
-    needs_inpaint = opts.inpaint and (opts.method != "sdedit" or user_mask is not None)  # SDEdit needs no mask finish
+    needs_inpaint = opts.inpaint and method.uses_inpaint
     pipe = InstDiffEdit.from_pretrained(model, inpaint_model if needs_inpaint else None, device, dtype, args.compile)
     load_s = time.perf_counter() - tic
     tokens = pipe.tokenizer._body(args.edit)[1]  # the uncut count (tokens() is already cut to 75)
@@ -535,7 +439,7 @@ def run(args) -> int:
         print(f"warning: the edit text has {tokens} tokens; only the first 75 are used", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="prompt has .* tokens")  # warned once just above
-        res = pipe.edit(img, args.edit, mask=user_mask, progress=not args.quiet, **asdict(opts))
+        res = pipe.edit(img, args.edit, mask=user_mask, progress=not args.quiet, method=args.method, **given)
 
     # write everything to a temporary folder first, then move: nothing half-written on failure
     out.mkdir(parents=True, exist_ok=True)
@@ -550,7 +454,8 @@ def run(args) -> int:
         record = {
             "image": str(image), "edit": args.edit, "model": model,
             "inpaint_model": inpaint_model if needs_inpaint else None, "mask_file": args.mask,
-            "options": asdict(opts), "device": str(pipe.device), "dtype": str(dtype).removeprefix("torch."),
+            "options": opts.as_dict(), "unet_evals": res.unet_evals,
+            "unet_evals_by_model": res.unet_evals_by_model, "device": str(pipe.device), "dtype": str(dtype).removeprefix("torch."),
             "compile": args.compile, "words": res.words, "P": res.P,
             "timings_s": {"load": round(load_s, 3), **{k: round(v, 3) for k, v in res.timings.items()},
                           "total": round(time.perf_counter() - t_start, 3)},

@@ -1,7 +1,8 @@
 """Generic resumable dataset runner.
 
 ``run_dataset(items, image_dir, out_dir, edit_fn, mask_dir=None)`` with
-``edit_fn(image: PIL.Image, item) -> (edited PIL.Image, mask bool array or None, seconds)``.
+``edit_fn(image: PIL.Image, item) -> (edited PIL.Image, mask bool array or None, seconds[, extras dict])``;
+the extras (e.g. ``{"unet_evals": 250}``) join the item's row; summary.json has the mean unet_evals.
 
 Layout of ``out_dir``::
 
@@ -193,7 +194,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "rate_mean_per_item": _mean([r.get("rate") for r in gt_rows]),
         "n_gt_mask": len(gt_rows),
     }
-    for key in ("lpips", "clip_score"):
+    for key in ("unet_evals", "lpips", "clip_score"):
         vals = [r.get(key) for r in rows if isinstance(r.get(key), (int, float))]
         if vals:
             out[key] = _mean(vals)
@@ -311,7 +312,7 @@ def run_dataset(
             source = _load_rgb(img_path, image_size)
             t0 = time.perf_counter()
             try:
-                edited, pred_mask, seconds = edit_fn(source.copy(), item)
+                edited, pred_mask, seconds, *more = edit_fn(source.copy(), item)
             except Exception as exc:
                 if on_error == "raise":
                     raise
@@ -338,6 +339,8 @@ def run_dataset(
                 row.c_m, row.c_non, row.rate = change_rates(edited_rgb, source, gt)
                 if pred is not None:
                     row.iou = mask_iou(pred, gt)
+            if more:  # edit_fn's own per-item figures, e.g. {"unet_evals": 1100}
+                row.extra.update(more[0])
             if extra_metrics is not None:
                 row.extra.update(extra_metrics(source, edited_rgb, item))
 

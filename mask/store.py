@@ -1,13 +1,15 @@
 """Cross-attention store for InstDiffEdit's instant masks.
 
-Implements the recorder protocol of ``model/attention.py``::
+One user of the UNet control protocol of ``model/attention.py`` (observe only)::
 
-    wants(name, hw) -> bool          # called by every cross-attention layer with its query grid
-    record(name, probs) -> None      # probs: (batch, heads, query pixels, tokens), fp32
+    wants(name, hw) -> bool          # asked by every attention layer and ResNet block with its grid
+    attention(name, probs) -> probs  # probs: (batch, heads, query pixels, tokens), fp32; returned as is
+
+``record(name, probs)`` is the same observation under the older recorder protocol's name.
 
 What is kept (method notes, "Attention capture"):
 
-* only cross-attention maps (the UNet hands the recorder to ``attn2`` layers only);
+* only cross-attention maps (``wants`` accepts ``attn2`` layers only);
 * only layers whose query grid is ``(H // factor, W // factor)`` of the latent ``(H, W)``; with
   the default factor 4 and a 64x64 latent that is the 16x16 grid: the two ``down_blocks.2`` and the
   three ``up_blocks.1`` layers (the mid block runs at 8x8 and is skipped);
@@ -16,7 +18,7 @@ What is kept (method notes, "Attention capture"):
 * averaged over heads, layers and rounds;
 * ``mode="running"`` (authors' default): the map handed out after step t is the mean over all
   steps run so far (the authors' store sums every step and divides by the step count);
-  ``mode="instant"``: the map of the last closed step only.
+  ``mode="last"``: the map of the last closed step only.
 
 Everything is accumulated in place in fp32 on the device the probabilities arrive on: no per-step
 host copies, no ``.item()`` syncs and no Python lists of per-step tensors. The only Python-side
@@ -24,7 +26,7 @@ state is a pair of integer counters (layers recorded in the open step, steps clo
 
 Usage per denoising step::
 
-    eps = unet(latents, t, text, recorder=store)
+    eps = unet(latents, t, text, control=store)   # recorder=store works too
     store.end_step()                  # or store.step()
     maps = store.maps()               # (tokens, H // factor, W // factor)
 """
@@ -34,10 +36,12 @@ from typing import Callable
 
 import torch
 
-MODES = ("running", "instant")
+from model.attention import UNetControl
+
+MODES = ("running", "last")
 
 
-class AttentionStore:
+class AttentionStore(UNetControl):
     """Accumulates head/layer/round-averaged cross-attention maps at one query resolution.
 
     Args:
@@ -45,10 +49,10 @@ class AttentionStore:
         rounds: number n of parallel rounds in the batch.
         cfg: whether classifier-free guidance doubles the batch to ``[uncond x n, cond x n]``
             (only the conditional half is recorded). Without CFG the whole batch of n is used.
-        mode: ``"running"`` (mean over all closed steps) or ``"instant"`` (last closed step).
+        mode: ``"running"`` (mean over all closed steps) or ``"last"`` (last closed step).
         factor: downsampling of the recorded query grid relative to the latent (4 -> 16x16).
-        layer_filter: optional extra predicate on the layer name. ``None`` accepts every layer
-            the UNet offers (it only offers cross-attention ``attn2`` layers).
+        layer_filter: optional extra predicate on the layer name. ``None`` accepts every
+            cross-attention (``attn2``) layer at the grid.
     """
 
     def __init__(self, latent_size: tuple[int, int], rounds: int = 1, cfg: bool = True,
@@ -76,11 +80,15 @@ class AttentionStore:
         self._layers = 0                             # layers recorded in the open step
         self.num_steps = 0                           # steps closed that contained records
 
-    # -- recorder protocol ---------------------------------------------------------------------
+    # -- control protocol ----------------------------------------------------------------------
     def wants(self, name: str, hw: tuple[int, int]) -> bool:
-        if tuple(hw) != self.grid:
+        if tuple(hw) != self.grid or not name.endswith("attn2"):
             return False
         return self.layer_filter is None or self.layer_filter(name)
+
+    def attention(self, name: str, probs: torch.Tensor) -> torch.Tensor:
+        self.record(name, probs)
+        return probs  # observe only
 
     def record(self, name: str, probs: torch.Tensor) -> None:
         b, _, q, _ = probs.shape

@@ -11,8 +11,9 @@ Only the SD v1.x variant is implemented (SD v1.4/v1.5 and the 9-channel inpainti
 The model has no buffers: the sinusoidal timestep embedding is computed on the fly, so the
 whole network can be built on the meta device and filled with ``load_state_dict(assign=True)``.
 
-Cross-attention maps are exposed through an optional ``recorder`` passed down ``forward``
-(see ``model/attention.py``); it only reaches the ``attn2`` layers.
+Attention probabilities (self and cross) and ResNet features are exposed to an optional
+``control`` passed down ``forward`` (the protocol is in ``model/attention.py``); the older
+observe-only ``recorder=`` still works and only reaches the ``attn2`` layers.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import Attention, AttentionRecorder, name_attention_layers
+from model.attention import Attention, AttentionRecorder, UNetControl, as_control, name_layers
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -168,11 +169,14 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.name = ""  # dotted module path (set by the UNet), for controls
 
-    def forward(self, x, temb):
+    def forward(self, x, temb, control: UNetControl | None = None):
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
+        if control is not None and control.wants(self.name, tuple(h.shape[-2:])):
+            h = control.features(self.name, h)  # the residual branch, before the skip is added
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -211,9 +215,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x, context, recorder, hw):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context, recorder=recorder, hw=hw)
+    def forward(self, x, context, control, hw):
+        x = x + self.attn1(self.norm1(x), control=control, hw=hw)
+        x = x + self.attn2(self.norm2(x), context, control=control, hw=hw)
         return x + self.ff(self.norm3(x))
 
 
@@ -227,12 +231,12 @@ class Transformer2DModel(nn.Module):
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x, context, recorder=None):
+    def forward(self, x, context, control=None):
         b, c, h, w = x.shape
         y = self.proj_in(self.norm(x))
         y = y.flatten(2).transpose(1, 2)  # (b, c, h, w) -> (b, h*w, c)
         for block in self.transformer_blocks:
-            y = block(y, context, recorder, (h, w))
+            y = block(y, context, control, (h, w))
         y = y.transpose(1, 2).unflatten(2, (h, w))  # (b, h*w, c) -> (b, c, h, w)
         return self.proj_out(y) + x
 
@@ -268,13 +272,13 @@ class DownBlock(nn.Module):
                                          for _ in range(n_layers)]) if cross_attn else None
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
 
-    def forward(self, x, temb, context, recorder):
+    def forward(self, x, temb, context, control):
         skips = []
         attentions = self.attentions or [None] * len(self.resnets)
         for resnet, attn in zip(self.resnets, attentions):
-            x = resnet(x, temb)
+            x = resnet(x, temb, control)
             if attn is not None:
-                x = attn(x, context, recorder)
+                x = attn(x, context, control)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -298,12 +302,12 @@ class UpBlock(nn.Module):
                                          for _ in range(n_layers)]) if cross_attn else None
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
 
-    def forward(self, x, skips, temb, context, recorder, upsample_size):
+    def forward(self, x, skips, temb, context, control, upsample_size):
         attentions = self.attentions or [None] * len(self.resnets)
         for resnet, attn in zip(self.resnets, attentions):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb, control)
             if attn is not None:
-                x = attn(x, context, recorder)
+                x = attn(x, context, control)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -315,10 +319,10 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         self.attentions = nn.ModuleList([Transformer2DModel(ch, heads, context_dim, groups)])
         self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb_dim, groups, eps) for _ in range(2)])
 
-    def forward(self, x, temb, context, recorder):
-        x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context, recorder)
-        return self.resnets[1](x, temb)
+    def forward(self, x, temb, context, control):
+        x = self.resnets[0](x, temb, control)
+        x = self.attentions[0](x, context, control)
+        return self.resnets[1](x, temb, control)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -348,16 +352,21 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
-        name_attention_layers(self)
+        name_layers(self, Attention, ResnetBlock2D)
 
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor, recorder: AttentionRecorder | None = None) -> torch.Tensor:
-        """sample (B, in_channels, H, W), encoder_hidden_states (B, tokens, cross_attention_dim) -> (B, out, H, W)."""
+                encoder_hidden_states: torch.Tensor, control: UNetControl | None = None,
+                recorder: AttentionRecorder | None = None) -> torch.Tensor:
+        """sample (B, in_channels, H, W), encoder_hidden_states (B, tokens, cross_attention_dim) -> (B, out, H, W).
+
+        ``control`` observes or replaces attention probabilities and ResNet features (see
+        ``model/attention.py``); ``recorder`` is the older observe-only cross-attention protocol."""
         cfg = self.config
+        control = as_control(control, recorder)
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(sample.shape[0])
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
@@ -367,13 +376,13 @@ class UNet2DConditionModel(nn.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, s = block(x, temb, context, recorder)
+            x, s = block(x, temb, context, control)
             skips += s
-        x = self.mid_block(x, temb, context, recorder)
+        x = self.mid_block(x, temb, context, control)
         for block in self.up_blocks:
             n_skips = len(block.resnets)
             level_skips, skips = skips[-n_skips:], skips[:-n_skips]
             # the next level's skip fixes the upsampled size (matters for odd sizes)
             size = skips[-1].shape[-2:] if skips else None
-            x = block(x, level_skips, temb, context, recorder, size)
+            x = block(x, level_skips, temb, context, control, size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -76,23 +76,7 @@ class DDIMSampler(Sampler):
         alpha_prod_t = self._alpha_t[i].to(cdt)
         alpha_prod_t_prev = self._alpha_prev[i].to(cdt)
         beta_prod_t = 1 - alpha_prod_t
-
-        pt = self.config.prediction_type
-        if pt == "epsilon":
-            x0 = (x - beta_prod_t ** (0.5) * out) / alpha_prod_t ** (0.5)
-            eps = out
-        elif pt == "sample":
-            x0 = out
-            eps = (x - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
-        elif pt == "v_prediction":
-            x0 = (alpha_prod_t**0.5) * x - (beta_prod_t**0.5) * out
-            eps = (alpha_prod_t**0.5) * out + (beta_prod_t**0.5) * x
-        else:  # pragma: no cover - rejected by SchedulerConfig
-            raise ValueError(f"prediction_type={pt!r}")
-
-        if self.config.clip_sample:
-            r = self.config.clip_sample_range
-            x0 = x0.clamp(-r, r)
+        x0, eps = self._x0_eps(out, x, alpha_prod_t)
         self.pred_original_sample = x0.to(sample.dtype)
 
         beta_prod_t_prev = 1 - alpha_prod_t_prev
@@ -109,6 +93,45 @@ class DDIMSampler(Sampler):
                 )
             prev = prev + std_dev_t * variance_noise.to(cdt)
         return prev.to(sample.dtype)
+
+    def _x0_eps(self, out: torch.Tensor, x: torch.Tensor, alpha_prod_t: torch.Tensor):
+        """(x0, eps) predicted from the model output at noise level abar = alpha_prod_t."""
+        beta_prod_t = 1 - alpha_prod_t
+        pt = self.config.prediction_type
+        if pt == "epsilon":
+            x0 = (x - beta_prod_t ** (0.5) * out) / alpha_prod_t ** (0.5)
+            eps = out
+        elif pt == "sample":
+            x0 = out
+            eps = (x - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
+        elif pt == "v_prediction":
+            x0 = (alpha_prod_t**0.5) * x - (beta_prod_t**0.5) * out
+            eps = (alpha_prod_t**0.5) * out + (beta_prod_t**0.5) * x
+        else:  # pragma: no cover - rejected by SchedulerConfig
+            raise ValueError(f"prediction_type={pt!r}")
+        if self.config.clip_sample:
+            r = self.config.clip_sample_range
+            x0 = x0.clamp(-r, r)
+        return x0, eps
+
+    def inverse_step(self, model_output: torch.Tensor, i: int, sample: torch.Tensor) -> torch.Tensor:
+        """One deterministic DDIM *inversion* step: the reverse of ``step(., i, .)``.
+
+        ``sample`` sits at the level of ``timesteps[i] - T // N`` (the clean latent for the last
+        index); the model output is taken at ``timesteps[i]`` and the result sits at that level:
+        x_t = sqrt(abar_t) x0_pred + sqrt(1 - abar_t) eps_pred, with (x0, eps) predicted at the
+        lower level. This is diffusers' DDIMInverseScheduler, and the inversion loop of
+        prompt-to-prompt's null-text notebook and of pnp-diffusers' preprocess.py: the UNet sees the
+        lower-level sample with the higher timestep (the approximation DDIM inversion makes).
+        """
+        N = self._require_timesteps()
+        if not 0 <= i < N:
+            raise IndexError(f"step index {i} out of range for {N} steps")
+        cdt = self._cdt(sample)
+        alpha_from = self._alpha_prev[i].to(cdt)
+        alpha_to = self._alpha_t[i].to(cdt)
+        x0, eps = self._x0_eps(model_output.to(cdt), sample.to(cdt), alpha_from)
+        return (alpha_to ** (0.5) * x0 + (1 - alpha_to) ** (0.5) * eps).to(sample.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """Eq. 1 at integer timestep(s) t (scalar or one per sample), as diffusers."""

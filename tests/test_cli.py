@@ -114,11 +114,11 @@ def test_no_inpaint_does_not_need_an_inpainting_model(cli, image, tmp_path):
 def test_sampler_steps_and_strength(cli, image, tmp_path, sampler):
     out = tmp_path / "o"
     rc, _, err = cli("--image", image, "--edit", "a cat", "--out", out, "--sampler", sampler, "--steps", 6,
-                     "--strength", 0.34, "--threshold", 0.5, "--rounds", 1, "--attention", "instant")
+                     "--strength", 0.34, "--threshold", 0.5, "--rounds", 1, "--attention", "last")
     assert rc == 0, err
     o = json.loads((out / "run.json").read_text())["options"]
     assert (o["sampler"], o["steps"], o["strength"], o["threshold"], o["rounds"], o["attention"]) == \
-        (sampler, 6, 0.34, 0.5, 1, "instant")
+        (sampler, 6, 0.34, 0.5, 1, "last")
 
 
 def test_user_mask_of_another_size_is_resized(cli, image, tmp_path):

@@ -279,7 +279,7 @@ def test_store_running_mean():
 
 
 def test_store_instant_mode_and_reset():
-    store = AttentionStore((16, 16), rounds=N, cfg=True, mode="instant")
+    store = AttentionStore((16, 16), rounds=N, cfg=True, mode="last")
     feed(store, 2)
     torch.testing.assert_close(store.maps(), expected_step_map(1))
     store.reset()

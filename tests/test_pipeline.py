@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import instdiffedit
+import methods.instdiffedit as method_instdiffedit
 from instdiffedit import EditOptions
 from mask.instant import MaskResult
 from sampler import make_sampler
@@ -143,7 +144,7 @@ def _spy_stage1(monkeypatch, fixed_mask: torch.Tensor | None = None):
     """Record the latents entering every sampler step (= the Eq. 5 result of the step before) and the mask
     of every step; with `fixed_mask`, `instant_mask` returns that mask instead of its own."""
     log = {"steps": [], "masks": []}
-    real_make, real_mask = instdiffedit.make_sampler, instdiffedit.instant_mask
+    real_make, real_mask = instdiffedit.make_sampler, method_instdiffedit.instant_mask
 
     def make(*a, **k):
         s = real_make(*a, **k)
@@ -159,7 +160,7 @@ def _spy_stage1(monkeypatch, fixed_mask: torch.Tensor | None = None):
         return res
 
     monkeypatch.setattr(instdiffedit, "make_sampler", make)
-    monkeypatch.setattr(instdiffedit, "instant_mask", mask)
+    monkeypatch.setattr(method_instdiffedit, "instant_mask", mask)
     return log
 
 
@@ -176,7 +177,7 @@ def test_eq5_unmasked_latents_follow_the_noised_source(pipe, monkeypatch, sample
     log = _spy_stage1(monkeypatch, _half_mask() if fixed else None)
     o = EditOptions(steps=8, strength=0.5, rounds=2, sampler=sampler, attention_res=RES, seed=11)
     x0 = _image(3)
-    out = pipe._stage1(x0, "a green frog", o, pipe._generator(o.seed))
+    out = method_instdiffedit.stage1(pipe, x0, "a green frog", o, pipe._generator(o.seed))
 
     # the same z0, eps and schedule, rebuilt here
     z0 = pipe.encode_image(x0).expand(o.rounds, -1, -1, -1)
@@ -220,9 +221,9 @@ def test_same_seed_is_bitwise_identical_and_another_seed_differs(pipe):
 def test_seed_drives_the_stage1_noise_and_the_inpainting_noise(pipe):
     x0 = _image(5)
     o = EditOptions(steps=4, rounds=2, attention_res=RES)
-    m1 = pipe._stage1(x0, "a dog", o, pipe._generator(1))
-    m2 = pipe._stage1(x0, "a dog", o, pipe._generator(1))
-    m3 = pipe._stage1(x0, "a dog", o, pipe._generator(2))
+    m1 = method_instdiffedit.stage1(pipe, x0, "a dog", o, pipe._generator(1))
+    m2 = method_instdiffedit.stage1(pipe, x0, "a dog", o, pipe._generator(1))
+    m3 = method_instdiffedit.stage1(pipe, x0, "a dog", o, pipe._generator(2))
     assert torch.equal(m1.latents, m2.latents) and torch.equal(m1.soft, m2.soft)
     assert not torch.equal(m1.latents, m3.latents)
     i1 = pipe.inpaint(x0, _mask(), "a dog", o, pipe._generator(1))
@@ -243,7 +244,7 @@ def test_edit_encodes_the_text_once_and_equals_the_two_stages_run_apart(pipe):
     assert len(calls) == 1
     x0 = instdiffedit.to_tensor(img, pipe.size, pipe.device, pipe.dtype)
     gen = pipe._generator(9)
-    st1 = pipe._stage1(x0, "a red kite", o, gen)
+    st1 = method_instdiffedit.stage1(pipe, x0, "a red kite", o, gen)
     out = pipe.inpaint(x0, st1.mask, "a red kite", o, gen)[0]
     apart = instdiffedit.to_pil(out).resize(img.size, Image.BICUBIC)
     assert res.image.tobytes() == apart.tobytes()
@@ -256,8 +257,8 @@ def test_multi_token_word_is_one_entry(pipe, monkeypatch):
     edit = "a zebracorn on grass"
     assert pipe.tokenizer.tokens(edit) == ["a</w>", "ze", "brac", "orn</w>", "on</w>", "grass</w>"]
     seen = []
-    real = instdiffedit.instant_mask
-    monkeypatch.setattr(instdiffedit, "instant_mask", lambda maps, positions, *a, **k:
+    real = method_instdiffedit.instant_mask
+    monkeypatch.setattr(method_instdiffedit, "instant_mask", lambda maps, positions, *a, **k:
                         seen.append(positions) or real(maps, positions, *a, **k))
     res = pipe.edit(_pil(6), edit, steps=4, rounds=1, attention_res=RES)
     assert res.words == ["<sot>", "a", "zebracorn", "on", "grass", "<eot>"]

@@ -258,3 +258,111 @@ def test_config_accepts_default_lists():
     d = dict(json.loads(SD14_CONFIG_JSON), only_cross_attention=[False] * 4, transformer_layers_per_block=[1] * 4,
              mid_block_only_cross_attention=False, dropout=0.1)
     assert UNetConfig.from_dict(d) == UNetConfig()
+
+
+# ---- control protocol: observe or replace attention probabilities and ResNet features ---------------
+
+class DiffusersProbsProcessor:
+    """Reference for the control tests: a diffusers attention processor that computes the
+    probabilities explicitly and passes them through `edit` (identity when None)."""
+
+    def __init__(self, edit=None):
+        self.edit = edit
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        b = hidden_states.shape[0]
+        q, k, v = (attn.head_to_batch_dim(t) for t in
+                   (attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)))
+        probs = attn.get_attention_scores(q, k, None)  # (b * heads, n, m)
+        if self.edit is not None:
+            probs = self.edit(probs.unflatten(0, (b, -1))).flatten(0, 1)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def swap_batch(x):
+    return x.flip(0)  # "replace each branch's map with the other's"
+
+
+def mix_first(x):
+    return 0.5 * x + 0.5 * x[:1]  # "blend every branch's map with branch 0's"
+
+
+class EditControl:
+    """Replaces probabilities / residual features at chosen layers; logs what the UNet offers."""
+
+    def __init__(self, edits):
+        self.edits = edits  # name -> function
+        self.offered = []
+
+    def wants(self, name, hw):
+        self.offered.append((name, tuple(hw)))
+        return name in self.edits
+
+    def attention(self, name, probs):
+        return self.edits[name](probs)
+
+    def features(self, name, h):
+        return self.edits[name](h)
+
+
+def test_control_replaces_attention_and_features_like_diffusers():
+    from model.attention import UNetControl
+    cfg = three_level_unet_config()
+    ref = diffusers_unet(cfg, seed=7)
+    ours = ours_from(ref, cfg)
+    sample, t, context = inputs(cfg, tokens=7, seed=4)
+    self_name = "up_blocks.1.attentions.1.transformer_blocks.0.attn1"
+    cross_name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    res_name = "up_blocks.2.resnets.0"
+    edits = {self_name: swap_batch, cross_name: mix_first, res_name: lambda h: h[:1].expand_as(h)}
+
+    ref.get_submodule(self_name).set_processor(DiffusersProbsProcessor(swap_batch))
+    ref.get_submodule(cross_name).set_processor(DiffusersProbsProcessor(mix_first))
+    # the residual branch is conv2's output (dropout is off in eval, output scale 1)
+    ref.get_submodule(res_name).conv2.register_forward_hook(lambda m, a, out: out[:1].expand_as(out))
+    control = EditControl(edits)
+    with torch.no_grad():
+        want = ref(sample, t, context).sample
+        plain = ours(sample, t, context)
+        got = ours(sample, t, context, control=control)
+        idle = ours(sample, t, context, control=UNetControl())
+    assert (got - want).abs().max() <= TOL
+    assert (got - plain).abs().max() > 1e-3  # the edits changed the output
+    assert torch.equal(idle, plain)  # the do-nothing control keeps every layer on the fast path
+
+    # every attention layer and ResNet block is offered once, with its grid
+    from diffusers.models.attention_processor import Attention as RefAttention
+    from diffusers.models.resnet import ResnetBlock2D as RefResnet
+    expected = {n for n, m in ref.named_modules() if isinstance(m, (RefAttention, RefResnet))}
+    names = [n for n, _ in control.offered]
+    assert len(names) == len(set(names)) and set(names) == expected
+    grids = dict(control.offered)
+    assert grids[self_name] == (4, 4) and grids[cross_name] == (4, 4) and grids[res_name] == (8, 8)
+
+
+def test_control_observed_self_attention_is_the_softmax():
+    cfg = tiny_unet_config()
+    ref = diffusers_unet(cfg, seed=2)
+    ours = ours_from(ref, cfg)
+    sample, t, context = inputs(cfg, tokens=5, seed=3)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    seen = {}
+    ref.get_submodule(name).set_processor(DiffusersProbsProcessor(lambda p: seen.setdefault("ref", p)))
+    control = EditControl({name: lambda p: seen.setdefault("ours", p)})
+    with torch.no_grad():
+        want = ref(sample, t, context).sample
+        got = ours(sample, t, context, control=control)
+    assert (got - want).abs().max() <= TOL
+    assert seen["ours"].shape == (2, 2, 64, 64)  # (batch, heads, pixels, pixels)
+    assert (seen["ours"] - seen["ref"]).abs().max() <= TOL
+
+
+def test_control_and_recorder_are_exclusive():
+    cfg = tiny_unet_config()
+    model = UNet2DConditionModel(UNetConfig(**cfg))
+    sample, t, context = inputs(cfg)
+    from model.attention import UNetControl
+    with pytest.raises(ValueError, match="either control= or recorder="):
+        model(sample, t, context, control=UNetControl(), recorder=HWRecorder((8, 8)))

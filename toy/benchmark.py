@@ -2,13 +2,15 @@
 
     python -m toy.benchmark                      # defaults, ablations, baselines (make eval-toy)
     python -m toy.benchmark --n 20 --no-ablation --no-methods
+    python -m toy.benchmark --table1 --methods-n 16    # every registered method on the same cases (make table1)
 
 Cases come from ``toy.world.benchmark_cases`` (fixed seeds, disjoint from training): main-object,
 secondary-object and background edits, the edit text the only prompt (paper Sec. 4). Metrics as in
 the paper's appendix: mask IoU, C_m, C_non, C_m / C_non (dataset level: mean C_m / mean C_non, as
 Table 1), seconds per edit. Also reported: the start-token map alone as the mask (no Eq. 6-9
-refinement), the r x phi ablation of Table 2 (masks only), DiffEdit / SDEdit on the same model, and
-the inpainting finish given the ground-truth mask, which separates the finish's C_non from the mask's.
+refinement), the r x phi ablation of Table 2 (masks only), every registered method (methods/) on the
+same model with its counted UNet evaluations per edit, and the inpainting finish given the ground-truth
+mask, which separates the finish's C_non from the mask's.
 """
 from __future__ import annotations
 
@@ -26,15 +28,15 @@ from PIL import Image
 from evaluation.metrics import change_rates, mask_iou
 from evaluation.stats import bootstrap_ci, ratio_of_means
 from mask.instant import gaussian_blur, minmax
+from methods import REGISTRY, add_arguments, get_method, options_from_args
 from toy.world import BENCHMARK_SEED_SETS, KINDS, benchmark_cases, render
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, INPAINT_MODEL = ROOT / "assets" / "toy-sd", ROOT / "assets" / "toy-sd-inpaint"
-ATTENTION_RES = 16  # the toy's default map grid (latent / 2); README explains the choice
 
 
 def source_text(case) -> str:
-    """What the source image shows at the edited place (DiffEdit needs it)."""
+    """What the source image shows at the edited place (methods with needs_source, e.g. DiffEdit, use it)."""
     s = case.scene
     if case.target is None:
         return f"a {s.background} background"
@@ -56,7 +58,7 @@ def run_cases(pipe, cases, method: str = "instdiffedit", full: bool = True, gt_m
               **options) -> list[dict]:
     """One row per case. full=False: masks only (stage 1), no inpainting, no change rates.
     gt_mask: the inpainting finish gets the exact ground-truth mask (what a perfect stage 1 would give)."""
-    rows = []
+    rows, threshold = [], pipe.options(method, **options).threshold  # validated once, before any case
     for case in cases:
         src = render(case.scene, pipe.size)[0]
         img = Image.fromarray(src)
@@ -68,16 +70,16 @@ def run_cases(pipe, cases, method: str = "instdiffedit", full: bool = True, gt_m
             row["seconds"] = time.perf_counter() - tic
             edited = np.asarray(res.image)
             row["c_m"], row["c_non"], _ = change_rates(edited, src, case.gt_mask)
-            pred = None if method == "sdedit" else np.asarray(res.mask) > 127
-            maps = res.word_maps
+            pred = np.asarray(res.mask) > 127 if get_method(method).makes_mask else None
+            maps, row["unet_evals"] = res.word_maps, res.unet_evals
         else:
-            out = pipe.mask(img, case.edit_text, **options)
+            out = pipe.mask(img, case.edit_text, method=method, source=source_text(case), **options)
             row["seconds"] = time.perf_counter() - tic
-            pred, maps = _upsample(out.mask, pipe.size), out.word_maps
+            pred, maps, row["unet_evals"] = _upsample(out.mask, pipe.size), out.word_maps, out.unet_evals
         if pred is not None:
             row["iou"] = mask_iou(pred, case.gt_mask)
-        if method == "instdiffedit" and len(maps):
-            row["iou_sot_only"] = mask_iou(_upsample(sot_only_mask(maps, options.get("threshold", 0.2)), pipe.size),
+        if maps is not None and len(maps):  # attention methods: word_maps[0] is the start token's map
+            row["iou_sot_only"] = mask_iou(_upsample(sot_only_mask(maps, threshold), pipe.size),
                                            case.gt_mask)
         rows.append(row)
     return rows
@@ -97,7 +99,8 @@ def summarise(rows: list[dict]) -> dict:
     def mean(key, kind=None):
         vals = _values(rows, key, kind)
         return float(np.mean(vals)) if vals else None
-    out = {"n": len(rows), "seconds": mean("seconds"), "iou": mean("iou"), "iou_sot_only": mean("iou_sot_only"),
+    out = {"n": len(rows), "seconds": mean("seconds"), "unet_evals": mean("unet_evals"), "iou": mean("iou"),
+           "iou_sot_only": mean("iou_sot_only"),
            "c_m": mean("c_m"), "c_non": mean("c_non")}
     c_m, c_non = _paired(rows, "c_m", "c_non")
     out["rate"] = float(c_m.mean() / c_non.mean()) if len(c_m) and c_non.mean() > 0 else None
@@ -137,11 +140,12 @@ def _fmt_ci(s: dict, key: str, pct=False) -> str:
 
 
 def table(title: str, summaries: dict[str, dict]) -> str:
-    lines = [f"\n{title}", f"| {'setting':<28} | n | s/edit | IoU | IoU SOT-only | IoU main / sec / bg | C_m % | "
-                           f"C_non % | rate |", "|" + "---|" * 9]
+    lines = [f"\n{title}", f"| {'setting':<28} | n | s/edit | UNet evals/edit | IoU | IoU SOT-only | IoU main / sec / bg "
+             "| C_m % | C_non % | rate |", "|" + "---|" * 10]
     for name, s in summaries.items():
         per_kind = " / ".join(_fmt_ci(s, f"iou_{k}", True) for k in KINDS)
-        lines.append(f"| {name:<28} | {s['n']} | {_fmt(s['seconds'])} | {_fmt_ci(s, 'iou', True)} | "
+        evals = "-" if s.get("unet_evals") is None else f"{s['unet_evals']:.0f}"
+        lines.append(f"| {name:<28} | {s['n']} | {_fmt(s['seconds'])} | {evals} | {_fmt_ci(s, 'iou', True)} | "
                      f"{_fmt_ci(s, 'iou_sot_only', True)} | {per_kind} | {_fmt_ci(s, 'c_m', True)} | "
                      f"{_fmt_ci(s, 'c_non', True)} | {_fmt_ci(s, 'rate')} |")
     return "\n".join(lines) + "\n[a, b]: 95% bootstrap interval over the cases (evaluation/stats.py)"
@@ -153,17 +157,23 @@ def main(argv=None) -> int:
     p.add_argument("--inpaint-model", default=str(INPAINT_MODEL))
     p.add_argument("--n", type=int, default=240, help="cases at the default settings (default 240)")
     p.add_argument("--ablation-n", type=int, default=60, help="cases per r x phi cell (masks only)")
-    p.add_argument("--methods-n", type=int, default=60, help="cases for the DiffEdit / SDEdit comparison")
+    p.add_argument("--methods-n", type=int, default=60, help="cases for the comparison of all registered methods")
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--no-methods", action="store_true")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--table1", action="store_true",
+                   help="only the toy Table 1: every registered method on the same --methods-n cases")
     p.add_argument("--seed-set", choices=sorted(BENCHMARK_SEED_SETS), default="a",
                    help="fixed case seeds: a (the set every figure is reported on) or b (disjoint, out of sample)")
-    p.add_argument("--attention-res", type=int, default=ATTENTION_RES,
-                   help=f"grid of the cross-attention maps (default {ATTENTION_RES}; see README)")
     p.add_argument("--out", default=None, help="default runs/eval-toy (seed set a) or runs/eval-toy-b")
+    add_arguments(p, with_method=False)  # every method option (all methods run; each gets those that apply)
     args = p.parse_args(argv)
     args.out = args.out or str(ROOT / "runs" / ("eval-toy" if args.seed_set == "a" else f"eval-toy-{args.seed_set}"))
+    given = options_from_args(args)
+    if args.table1:
+        args.n, args.no_ablation, args.no_methods = args.methods_n, True, False
+
+    def options_for(method: str) -> dict:
+        return {k: v for k, v in given.items() if k in get_method(method).option_specs()}
 
     from instdiffedit import InstDiffEdit
     torch.manual_seed(0)
@@ -173,29 +183,32 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results, report = {}, []
 
-    rows = run_cases(pipe, cases[: args.n], steps=args.steps, attention_res=args.attention_res)
-    results["default"] = {"summary": summarise(rows), "rows": rows, "seed_set": args.seed_set,
-                          "attention_res": args.attention_res}
+    rows = run_cases(pipe, cases[: args.n], **options_for("instdiffedit"))
+    results["default"] = {"summary": summarise(rows), "rows": rows, "seed_set": args.seed_set}
     report.append(table(f"InstDiffEdit at its defaults (r 0.5, phi 0.2, n 3, LMS 50 steps, CFG 7.5), seed set "
-                        f"{args.seed_set}, {args.attention_res}x{args.attention_res} maps",
+                        f"{args.seed_set}",
                         {"instdiffedit": results["default"]["summary"]}))
     print(report[-1], flush=True)
 
     if not args.no_methods:
         subset = cases[: args.methods_n]
         comp = {"instdiffedit": summarise([r for r in rows if r["id"] in {c.id for c in subset}])}
-        for method in ("diffedit", "sdedit"):
-            r = run_cases(pipe, subset, method=method, steps=args.steps, attention_res=args.attention_res)
-            results[method] = {"summary": summarise(r), "rows": r}
-            comp[method] = results[method]["summary"]
-        r = run_cases(pipe, subset, gt_mask=True, steps=args.steps, attention_res=args.attention_res)
+        for method in REGISTRY:
+            if method != "instdiffedit":
+                r = run_cases(pipe, subset, method=method, **options_for(method))
+                results[method] = {"summary": summarise(r), "rows": r}
+                comp[method] = results[method]["summary"]
+        r = run_cases(pipe, subset, gt_mask=True, **options_for("instdiffedit"))
         results["gt_mask"] = {"summary": summarise(r), "rows": r}
         comp["ground-truth mask + finish"] = results["gt_mask"]["summary"]
-        ins, de, sd = comp["instdiffedit"], comp["diffedit"], comp["sdedit"]
-        report.append(table(f"Methods on the same model, samplers and seeds ({len(subset)} cases)", comp)
-                      + f"\nIoU ratio InstDiffEdit/DiffEdit: {_fmt(ins['iou'] / de['iou'] if de['iou'] else None)}"
-                      + f"   speed ratio DiffEdit/InstDiffEdit (s/edit): {_fmt(de['seconds'] / ins['seconds'])}"
-                      + f"   SDEdit/InstDiffEdit: {_fmt(sd['seconds'] / ins['seconds'])}")
+        ins = comp["instdiffedit"]
+        ratios = [f"{name}: {_fmt(s['unet_evals'] / ins['unet_evals'])}x UNet evals, "
+                  f"{_fmt(s['seconds'] / ins['seconds'])}x s/edit"
+                  + (f", IoU InstDiffEdit/{name} {_fmt(ins['iou'] / s['iou'])}" if s["iou"] else "")
+                  for name, s in comp.items() if name in REGISTRY and name != "instdiffedit"]
+        report.append(table(f"Toy Table 1: every registered method on the same model, samplers, seeds and "
+                            f"{len(subset)} cases", comp)
+                      + "\nCost relative to InstDiffEdit: " + "; ".join(ratios))
         print(report[-1], flush=True)
 
     if not args.no_ablation:
@@ -203,8 +216,8 @@ def main(argv=None) -> int:
         abl = {}
         for r_ in (0.4, 0.5, 0.6):
             for phi in (0.1, 0.2, 0.3):
-                rs = run_cases(pipe, subset, full=False, strength=r_, threshold=phi, steps=args.steps,
-                               attention_res=args.attention_res)
+                rs = run_cases(pipe, subset, full=False, **{**options_for("instdiffedit"), "strength": r_,
+                                                            "threshold": phi})
                 abl[f"r={r_} phi={phi}"] = summarise(rs)
         results["ablation"] = abl
         report.append(table(f"Ablation, masks only ({len(subset)} cases per cell; Table 2 of the paper)", abl))
@@ -213,7 +226,7 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     (out / "report.md").write_text("\n".join(report) + "\n")
     with open(out / "rows.csv", "w", newline="") as f:
-        keys = ["method", "id", "kind", "edit", "seconds", "iou", "iou_sot_only", "c_m", "c_non"]
+        keys = ["method", "id", "kind", "edit", "seconds", "unet_evals", "iou", "iou_sot_only", "c_m", "c_non"]
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for name, res in results.items():

@@ -1,0 +1,62 @@
+"""InstDiffEdit (Zou et al., AAAI 2024): the instant mask from the UNet's own cross-attention.
+
+Stage 1 runs SD from the noised source (strength r) with the edit text as the only prompt, n rounds
+at once. At every step the cross-attention maps give an instant mask (Eq. 6-9, mask/instant.py) that
+guides the denoising (Eq. 4-5). The inpainting finish (pipe.finish) then generates the edit.
+Options used: strength, threshold, rounds, steps, guidance, sampler, seed, attention, attention_res,
+gamma1, gamma2, inpaint (False: decode round 0's Eq. 5 result instead of inpainting).
+"""
+from __future__ import annotations
+
+import torch
+
+from mask.instant import instant_mask
+from mask.store import AttentionStore
+
+from .base import Edited, Job, MaskOutput, Method, register
+from .options import EditError, EditOptions
+
+
+@torch.no_grad()
+def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generator,
+           progress: bool = False, emb: torch.Tensor | None = None) -> MaskOutput:
+    """Instant mask and mask-guided denoising (Eq. 4-9), all n rounds in one batch."""
+    words = pipe.tokenizer.words(edit)  # [(word, [token positions])], positions count SOT as 0
+    emb = pipe.encode_text(edit) if emb is None else emb
+    sampler, start, z0, eps, x = pipe.noised(x0, o, gen, o.rounds)
+    h, w = z0.shape[-2:]
+    if h % o.attention_res or w % o.attention_res:
+        raise EditError(f"attention_res {o.attention_res} does not divide the {h}x{w} latent")
+    store = AttentionStore((h, w), rounds=o.rounds, cfg=True, mode=o.attention, factor=h // o.attention_res)
+    positions = [pos for _, pos in words]
+    P, res = None, None
+    for i in pipe.progress(range(start, len(sampler.timesteps)), progress, "mask + guided denoising"):
+        t = sampler.timesteps[i]
+        pred = pipe.unet_cfg(pipe.unet, sampler, x, i, t, emb, o.guidance, recorder=store)
+        store.end_step()
+        x = sampler.step(pred, i, x)
+        # Eq. 6-9 on the maps so far; P (Eq. 8) is fixed at the first step and reused
+        res = instant_mask(store.maps(), positions, (h, w), P=P, gamma1=o.gamma1, gamma2=o.gamma2,
+                           threshold=o.threshold)
+        P = res.P
+        # Eq. 5: outside the mask, the latents follow the source image noised to this step
+        y = sampler.add_noise_at(z0, eps, i)
+        m = res.mask.to(x.dtype)
+        x = y + m * (x - y)
+    names = ["<sot>"] + [wd for wd, _ in words] + ["<eot>"]
+    return MaskOutput(res.mask, res.soft, res.P, names, res.word_maps, x)
+
+
+@register
+class InstDiffEdit(Method):
+    name = "instdiffedit"
+    help = "the instant attention mask + inpainting (the paper's method)"
+
+    def mask(self, pipe, job: Job) -> MaskOutput:
+        return stage1(pipe, job.x0, job.text, job.o, job.gen, job.progress, job.emb)
+
+    def edit(self, pipe, job: Job) -> Edited:
+        if job.mask is not None or job.o.inpaint:
+            return super().edit(pipe, job)
+        st1 = self.mask(pipe, job)  # --no-inpaint: the Eq. 5 result of round 0 is the edit
+        return Edited(pipe.decode(st1.latents[:1])[0], st1)
