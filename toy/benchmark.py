@@ -140,8 +140,8 @@ def _fmt_ci(s: dict, key: str, pct=False) -> str:
 
 
 def table(title: str, summaries: dict[str, dict]) -> str:
-    lines = [f"\n{title}", f"| {'setting':<28} | n | s/edit | UNet evals/edit | IoU | IoU SOT-only | IoU main / sec / bg "
-             "| C_m % | C_non % | rate |", "|" + "---|" * 10]
+    lines = [f"\n{title}", f"| {'setting':<28} | n | s/edit | UNet evals/edit | IoU | IoU SOT-only | "
+             "IoU main / sec / bg | C_m % | C_non % | rate |", "|" + "---|" * 10]
     for name, s in summaries.items():
         per_kind = " / ".join(_fmt_ci(s, f"iou_{k}", True) for k in KINDS)
         evals = "-" if s.get("unet_evals") is None else f"{s['unet_evals']:.0f}"
