@@ -755,7 +755,8 @@ def main(argv=None) -> None:
         vae, phases["vae"] = train_vae(images, a.vae_steps, a.vae_full_steps, a.seed)
     t = Timer()
     z = encode_all(vae, images)
-    scale = 1.0 / float(z.std())
+    # a reused VAE keeps the scale its UNets were trained with (a smaller --scenes would re-estimate it)
+    scale = float(vae.config.scaling_factor) if a.vae_from else 1.0 / float(z.std())
     vae.config.scaling_factor = scale
     latents = z * scale
     rec = vae.decode(z[:64])
