@@ -127,6 +127,12 @@ def confidence_intervals(rows: list[dict], level: float = 0.95) -> dict[str, tup
     return ci
 
 
+def grid_comparison(pipe, cases, grids, options: dict) -> dict[str, dict]:
+    """Masks only, at the defaults, from the cross-attention maps of each grid in turn."""
+    return {f"{g}x{g} maps": summarise(run_cases(pipe, cases, full=False, **{**options, "attention_res": g}))
+            for g in grids}
+
+
 def _fmt(v, pct=False) -> str:
     if v is None:
         return "-"
@@ -164,6 +170,9 @@ def main(argv=None) -> int:
                    help="only the toy Table 1: every registered method on the same --methods-n cases")
     p.add_argument("--seed-set", choices=sorted(BENCHMARK_SEED_SETS), default="a",
                    help="fixed case seeds: a (the set every figure is reported on) or b (disjoint, out of sample)")
+    p.add_argument("--grids", type=int, nargs="+", default=None, metavar="G",
+                   help="also compare the mask from the maps of each of these grids (e.g. 8 16 32), masks only, "
+                        "on --ablation-n cases")
     p.add_argument("--out", default=None, help="default runs/eval-toy (seed set a) or runs/eval-toy-b")
     add_arguments(p, with_method=False)  # every method option (all methods run; each gets those that apply)
     args = p.parse_args(argv)
@@ -221,6 +230,13 @@ def main(argv=None) -> int:
                 abl[f"r={r_} phi={phi}"] = summarise(rs)
         results["ablation"] = abl
         report.append(table(f"Ablation, masks only ({len(subset)} cases per cell; Table 2 of the paper)", abl))
+        print(report[-1], flush=True)
+
+    if args.grids:
+        subset = cases[: args.ablation_n]
+        results["grids"] = grid_comparison(pipe, subset, args.grids, options_for("instdiffedit"))
+        report.append(table(f"Masks from the maps of each grid, masks only ({len(subset)} cases; latent "
+                            f"{pipe.size // pipe.vae_factor}x{pipe.size // pipe.vae_factor})", results["grids"]))
         print(report[-1], flush=True)
 
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
