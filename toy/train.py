@@ -293,7 +293,7 @@ def diffusion_loss(unet, z0, ctx, acp, gen, extra=None, recorder=None, weight=No
     return (per_sample * weight).sum() / weight.sum().clamp_min(1), t
 
 
-GROW_STEPS = 800  # phase 2b's default step count (the shipped run's; see assets/TRAINING.md)
+GROW_STEPS = 344  # phase 2b's default step count: the shipped run's (assets/TRAINING.md)
 ALL_GRIDS = (32, 16, 8)  # every grid of the 32x32 latent that has cross-attention in UNET_CONFIG
 
 
