@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from toy import world
-from toy.train import edit_phrase, main
+import torch
+
+from model.unet import UNet2DConditionModel, UNetConfig
+from toy.train import BASE_UNET_CONFIG, UNET_CONFIG, MapRecorder, edit_phrase, grow_unet, ldm_init, main
 from weights import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +44,35 @@ def test_edit_phrase_changes_one_attribute_and_points_at_its_target():
     assert kinds == {"background", "colour", "shape"}
 
 
+def test_grown_unet_starts_as_the_base_unet_with_maps_at_every_level(one_thread):
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(UNetConfig(**BASE_UNET_CONFIG)).eval()
+    for p in base.parameters():  # a "trained" base: no zero branches anywhere
+        torch.nn.init.normal_(p, std=0.05)
+    grown = UNet2DConditionModel(UNetConfig(**UNET_CONFIG)).eval()
+    ldm_init(grown)
+    grow_unet(grown, base)
+    x, t, ctx = torch.randn(2, 4, 32, 32), torch.tensor([10, 700]), torch.randn(2, 77, 64)
+    rec = MapRecorder()
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, ctx, recorder=rec), base(x, t, ctx), rtol=1e-4, atol=1e-5)
+    # maps at latent/1, /2, /4 (8x8: down, mid and two up layers), as SD's 64/32/16 (+ mid at 8)
+    assert {g: len(v) for g, v in rec.probs.items()} == {32: 3, 16: 3, 8: 4}
+    with pytest.raises(ValueError, match="sub-network"):
+        grow_unet(base, grown)
+
+
 def test_training_script_runs_end_to_end(tmp_path, one_thread):
     main(["--out", str(tmp_path), "--vae-from", str(ROOT / "assets" / "toy-sd"), "--scenes", "64",
-          "--unet-steps", "2", "--inpaint-steps", "2", "--inpaint-examples", "32", "--check-scenes", "2"])
+          "--unet-steps", "2", "--grow-steps", "2", "--inpaint-steps", "2", "--inpaint-examples", "32",
+          "--check-scenes", "2"])
     sd = load(str(tmp_path / "toy-sd"))
     inpaint = load(str(tmp_path / "toy-sd-inpaint"), components=("unet",)).unet
     assert sd.unet.config.in_channels == 4 and inpaint.config.in_channels == 9
+    assert sd.unet.config.down_block_types == ("CrossAttnDownBlock2D",) * 3
+    assert inpaint.config.down_block_types == BASE_UNET_CONFIG["down_block_types"]  # started from the base
     log = json.loads((tmp_path / "toy-sd" / "training_log.json").read_text())
     assert log["phases"]["unet"]["steps"] == 2 and log["phases"]["unet"]["edit_phrases"] == pytest.approx(0.2)
+    grow = log["phases"]["grow"]
+    assert grow["steps"] == 2 and grow["text_encoder"] == "frozen" and grow["grounding_grids"] == [32, 16, 8]
+    assert "colour_word_full_caption_32" in log["attention_localisation"]

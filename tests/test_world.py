@@ -117,6 +117,19 @@ def test_benchmark_balanced_and_disjoint(bench):
     assert len({c.seed for c in bench}) == 240 and len({c.id for c in bench}) == 240
 
 
+def test_seed_sets_are_disjoint_fixed_and_held_out(bench):
+    b = benchmark_cases(240, seed_set="b")
+    assert benchmark_cases(240, seed_set="a")[5].edit_text == bench[5].edit_text  # "a" is the default
+    assert min(c.seed for c in b) > max(c.seed for c in bench) and all(c.seed >= TRAIN_SEED_LIMIT for c in b)
+    assert not {c.seed for c in b} & {c.seed for c in bench}
+    # different seeds could still draw the same scene: the sets share no scene either
+    assert not {c.scene for c in b} & {c.scene for c in bench}
+    assert Counter(c.kind for c in b) == {k: 80 for k in KINDS}
+    assert [c.edit_text for c in benchmark_cases(6, seed_set="b")] == [c.edit_text for c in b[:6]]
+    with pytest.raises(ValueError, match="'c'"):
+        benchmark_cases(3, seed_set="c")
+
+
 def test_benchmark_deterministic(bench):
     again = edit_cases(BENCHMARK_SEED, 6)
     for a, b in zip(again, bench[:6]):

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from evaluation.metrics import change_rates, mask_iou
+from evaluation.stats import bootstrap_ci, ratio_of_means
 from mask.filters import binomial_blur
 from mask.instant import minmax
 from methods import REGISTRY, EditError, EditOptions, add_arguments, get_method, options_from_args
-from toy.world import benchmark_cases, render
+from toy.world import BENCHMARK_SEED_SETS, KINDS, benchmark_cases, render
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, INPAINT_MODEL = ROOT / "assets" / "toy-sd", ROOT / "assets" / "toy-sd-inpaint"
@@ -87,18 +88,52 @@ def run_cases(pipe, cases, method: str = "instdiffedit", full: bool = True, gt_m
     return rows
 
 
+def _values(rows: list[dict], key: str, kind: str | None = None) -> list[float]:
+    return [r[key] for r in rows if r.get(key) is not None and np.isfinite(r[key]) and kind in (None, r["kind"])]
+
+
+def _paired(rows: list[dict], a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two per-case columns, over the cases that have both (C_m and C_non of one edit)."""
+    both = [r for r in rows if all(r.get(k) is not None and np.isfinite(r[k]) for k in (a, b))]
+    return np.array([r[a] for r in both]), np.array([r[b] for r in both])
+
+
 def summarise(rows: list[dict]) -> dict:
-    def mean(key):
-        vals = [r[key] for r in rows if r.get(key) is not None and np.isfinite(r[key])]
+    def mean(key, kind=None):
+        vals = _values(rows, key, kind)
         return float(np.mean(vals)) if vals else None
     out = {"n": len(rows), "seconds": mean("seconds"), "unet_evals": mean("unet_evals"), "iou": mean("iou"),
            "iou_sot_only": mean("iou_sot_only"),
            "c_m": mean("c_m"), "c_non": mean("c_non")}
-    out["rate"] = out["c_m"] / out["c_non"] if out["c_m"] is not None and out["c_non"] else None
-    for kind in ("main", "secondary", "background"):
-        sub = [r for r in rows if r["kind"] == kind and r.get("iou") is not None]
-        out[f"iou_{kind}"] = float(np.mean([r["iou"] for r in sub])) if sub else None
+    c_m, c_non = _paired(rows, "c_m", "c_non")
+    out["rate"] = float(c_m.mean() / c_non.mean()) if len(c_m) and c_non.mean() > 0 else None
+    for kind in KINDS:
+        out[f"iou_{kind}"] = mean("iou", kind)
+    out["ci"] = confidence_intervals(rows)
     return out
+
+
+def confidence_intervals(rows: list[dict], level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """95% percentile-bootstrap intervals over cases (evaluation.stats) of every summary figure:
+    IoU overall and per kind, the SOT-only IoU, C_m, C_non, and the rate as a ratio of means
+    (C_m and C_non of a case resampled together). Figures without values are left out."""
+    ci = {}
+    for key in ("iou", "iou_sot_only", "c_m", "c_non"):
+        if vals := _values(rows, key):
+            ci[key] = bootstrap_ci(vals, level=level)
+    for kind in KINDS:
+        if vals := _values(rows, "iou", kind):
+            ci[f"iou_{kind}"] = bootstrap_ci(vals, level=level)
+    c_m, c_non = _paired(rows, "c_m", "c_non")
+    if len(c_m) and c_non.mean() > 0:
+        ci["rate"] = bootstrap_ci((c_m, c_non), statistic=ratio_of_means, level=level)
+    return ci
+
+
+def grid_comparison(pipe, cases, grids, options: dict) -> dict[str, dict]:
+    """Masks only, at the defaults, from the cross-attention maps of each grid in turn."""
+    return {f"{g}x{g} maps": summarise(run_cases(pipe, cases, full=False, **{**options, "attention_res": g}))
+            for g in grids}
 
 
 def _fmt(v, pct=False) -> str:
@@ -107,16 +142,22 @@ def _fmt(v, pct=False) -> str:
     return f"{100 * v:.1f}" if pct else f"{v:.2f}"
 
 
+def _fmt_ci(s: dict, key: str, pct=False) -> str:
+    """'61.1 [58.0, 64.1]': the figure and its 95% CI, when the summary has one."""
+    ci = s.get("ci", {}).get(key)
+    return _fmt(s[key], pct) + (f" [{_fmt(ci[0], pct)}, {_fmt(ci[1], pct)}]" if ci else "")
+
+
 def table(title: str, summaries: dict[str, dict]) -> str:
-    lines = [f"\n{title}", f"| {'setting':<28} | n | s/edit | UNet evals/edit | IoU | IoU SOT-only | IoU main/sec/bg "
-             "| C_m % | C_non % | rate |", "|" + "---|" * 10]
+    lines = [f"\n{title}", f"| {'setting':<28} | n | s/edit | UNet evals/edit | IoU | IoU SOT-only | "
+             "IoU main / sec / bg | C_m % | C_non % | rate |", "|" + "---|" * 10]
     for name, s in summaries.items():
-        per_kind = "/".join(_fmt(s[f'iou_{k}'], True) for k in ("main", "secondary", "background"))
+        per_kind = " / ".join(_fmt_ci(s, f"iou_{k}", True) for k in KINDS)
         evals = "-" if s.get("unet_evals") is None else f"{s['unet_evals']:.0f}"
-        lines.append(f"| {name:<28} | {s['n']} | {_fmt(s['seconds'])} | {evals} | {_fmt(s['iou'], True)} | "
-                     f"{_fmt(s['iou_sot_only'], True)} | {per_kind} | {_fmt(s['c_m'], True)} | "
-                     f"{_fmt(s['c_non'], True)} | {_fmt(s['rate'])} |")
-    return "\n".join(lines)
+        lines.append(f"| {name:<28} | {s['n']} | {_fmt(s['seconds'])} | {evals} | {_fmt_ci(s, 'iou', True)} | "
+                     f"{_fmt_ci(s, 'iou_sot_only', True)} | {per_kind} | {_fmt_ci(s, 'c_m', True)} | "
+                     f"{_fmt_ci(s, 'c_non', True)} | {_fmt_ci(s, 'rate')} |")
+    return "\n".join(lines) + "\n[a, b]: 95% bootstrap interval over the cases (evaluation/stats.py)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,13 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the toy Table 1: every registered method on the same --methods-n cases")
     p.add_argument("--methods", default=None,
                    help="comma-separated registered methods to compare besides instdiffedit (default: all)")
-    p.add_argument("--out", default=str(ROOT / "runs" / "eval-toy"))
+    p.add_argument("--seed-set", choices=sorted(BENCHMARK_SEED_SETS), default="a",
+                   help="fixed case seeds: a (the set every figure is reported on) or b (disjoint, out of sample)")
+    p.add_argument("--grids", type=int, nargs="+", default=None, metavar="G",
+                   help="also compare the mask from the maps of each of these grids (e.g. 8 16 32), masks only, "
+                        "on --ablation-n cases")
+    p.add_argument("--out", default=None, help="default runs/eval-toy (seed set a) or runs/eval-toy-b")
     add_arguments(p, with_method=False)  # every method option (all methods run; each gets those that apply)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.out = args.out or str(ROOT / "runs" / ("eval-toy" if args.seed_set == "a" else f"eval-toy-{args.seed_set}"))
     given = options_from_args(args)
     chosen = list(REGISTRY) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in chosen:
@@ -161,14 +208,15 @@ def main(argv=None) -> int:
     from instdiffedit import InstDiffEdit
     torch.manual_seed(0)
     pipe = InstDiffEdit.from_pretrained(args.model, args.inpaint_model, device="cpu", dtype=torch.float32)
-    cases = benchmark_cases(max(args.n, args.ablation_n, args.methods_n), size=pipe.size)
+    cases = benchmark_cases(max(args.n, args.ablation_n, args.methods_n), size=pipe.size, seed_set=args.seed_set)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, report = {}, []
 
     rows = run_cases(pipe, cases[: args.n], **options_for("instdiffedit"))
-    results["default"] = {"summary": summarise(rows), "rows": rows}
-    report.append(table("InstDiffEdit at its defaults (r 0.5, phi 0.2, n 3, LMS 50 steps, CFG 7.5)",
+    results["default"] = {"summary": summarise(rows), "rows": rows, "seed_set": args.seed_set}
+    report.append(table(f"InstDiffEdit at its defaults (r 0.5, phi 0.2, n 3, LMS 50 steps, CFG 7.5), seed set "
+                        f"{args.seed_set}",
                         {"instdiffedit": results["default"]["summary"]}))
     print(report[-1], flush=True)
 
@@ -203,6 +251,13 @@ def main(argv=None) -> int:
                 abl[f"r={r_} phi={phi}"] = summarise(rs)
         results["ablation"] = abl
         report.append(table(f"Ablation, masks only ({len(subset)} cases per cell; Table 2 of the paper)", abl))
+        print(report[-1], flush=True)
+
+    if args.grids:
+        subset = cases[: args.ablation_n]
+        results["grids"] = grid_comparison(pipe, subset, args.grids, options_for("instdiffedit"))
+        report.append(table(f"Masks from the maps of each grid, masks only ({len(subset)} cases; latent "
+                            f"{pipe.size // pipe.vae_factor}x{pipe.size // pipe.vae_factor})", results["grids"]))
         print(report[-1], flush=True)
 
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")

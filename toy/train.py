@@ -12,8 +12,11 @@ defaults):
   ``scaling_factor`` = 1 / std of the training latents, stored in vae/config.json.
 * Text encoder (our CLIPTextModel) with the real CLIP BPE vocabulary (49408 tokens, rebuilt from
   the open-clip-torch wheel's bpe_simple_vocab_16e6.txt.gz), trained jointly with
-* the UNet (our UNet2DConditionModel): latent 32x32, levels 32/16/8, cross-attention at 16x16 and
+* the base UNet (our UNet2DConditionModel): latent 32x32, levels 32/16/8, cross-attention at 16x16 and
   8x8 only, so the recorded 16x16 maps are the absolute 16x16 maps InstDiffEdit uses on SD v1.4.
+  Optionally (phase 2b, --grow-steps N) it is then grown into UNET_CONFIG's layout, cross-attention at
+  every level and in the mid block as SD has it relative to its latent, and trained N more steps with
+  the text encoder frozen (see grow_unet and assets/TRAINING.md).
   SD's noise schedule (scaled_linear 0.00085..0.012, 1000 steps) with v-prediction: at this budget
   epsilon-prediction learned to ignore the text (the noise is predictable from the noisy latent at
   low noise, where most of the epsilon loss is), v-prediction did not.
@@ -77,11 +80,19 @@ SIZE = 128  # image side
 VAE_CONFIG = dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8)
 TEXT_CONFIG = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
                    num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
-UNET_CONFIG = dict(sample_size=SIZE // 4, in_channels=4, out_channels=4,
-                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                   block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=4,
-                   cross_attention_dim=TEXT_CONFIG["hidden_size"], norm_num_groups=16)
+# The base UNet (phase 2, trained jointly with the text encoder; the inpainting UNet starts from it):
+# cross-attention at 16x16 and 8x8 only, which is cheap on a CPU.
+BASE_UNET_CONFIG = dict(sample_size=SIZE // 4, in_channels=4, out_channels=4,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                        block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=4,
+                        cross_attention_dim=TEXT_CONFIG["hidden_size"], norm_num_groups=16)
+# The shipped UNet (phase 2b, grown from the base): cross-attention at every level (32x32, 16x16, 8x8)
+# and in the mid block, as SD v1.x has it relative to its latent (64/32/16 of a 64x64 latent, mid at
+# 8), so word maps exist at latent/1, /2 and /4. One head of width 32 at 32x32: four heads of width 8
+# made the 1024-token self-attention ~1.7x slower on the CPU (the maps are head means either way).
+UNET_CONFIG = {**BASE_UNET_CONFIG, "down_block_types": ("CrossAttnDownBlock2D",) * 3,
+               "up_block_types": ("CrossAttnUpBlock2D",) * 3, "attention_head_dim": (1, 4, 4)}
 SCHEDULER = SchedulerConfig(prediction_type="v_prediction")  # otherwise SD v1.4's schedule
 
 
@@ -201,6 +212,19 @@ def ldm_init(unet: UNet2DConditionModel) -> None:
             torch.nn.init.zeros_(m.bias)
 
 
+def grow_unet(unet: UNet2DConditionModel, base: UNet2DConditionModel) -> None:
+    """Copy a trained base UNet into a UNet with more cross-attention levels. Every base weight has
+    the same name and shape in the grown UNet; the added transformers keep ldm_init's zero proj_out,
+    so the grown UNet starts as exactly the base UNet's function and only learns to use them."""
+    own, theirs = unet.state_dict(), base.state_dict()
+    added = set(own) - set(theirs)
+    if set(theirs) - set(own) or any(own[k].shape != v.shape for k, v in theirs.items()):
+        raise ValueError("the base UNet is not a sub-network of the grown UNet")
+    if any(".attentions." not in k for k in added):
+        raise ValueError("growing may only add transformer blocks")
+    unet.load_state_dict({**own, **theirs}, strict=True)
+
+
 def clip_init(te: CLIPTextModel) -> None:
     """CLIP / transformers initialisation of the embeddings (std 0.02 tokens, 0.01 positions)."""
     torch.nn.init.normal_(te.embeddings.token_embedding.weight, std=0.02)
@@ -272,18 +296,25 @@ def diffusion_loss(unet, z0, ctx, acp, gen, extra=None, recorder=None, weight=No
     return (per_sample * weight).sum() / weight.sum().clamp_min(1), t
 
 
-class MapRecorder:
-    """Keeps every layer's 16x16 cross-attention probabilities, (B, heads, 256, 77) each; in training
-    they stay inside the autograd graph (for the grounding losses)."""
+# Phase 2b's default step count. 0: no growing, the base UNet is the UNet, as assets/ ships it. The
+# grown UNet of 2026-11-29 took 344 steps (--grow-steps 344); it is not the default until the toy
+# benchmark has measured it against the shipped one (assets/TRAINING.md).
+GROW_STEPS = 0
+ALL_GRIDS = (32, 16, 8)  # every grid of the 32x32 latent that has cross-attention in UNET_CONFIG
 
-    def __init__(self, hw=(16, 16)):
-        self.hw, self.probs = hw, []
+
+class MapRecorder:
+    """Keeps every layer's cross-attention probabilities at the given grids, {grid: [(B, heads, grid^2, 77)]};
+    in training they stay inside the autograd graph (for the grounding losses)."""
+
+    def __init__(self, grids=ALL_GRIDS):
+        self.probs = {g: [] for g in grids}
 
     def wants(self, name, hw):
-        return tuple(hw) == self.hw
+        return hw[0] == hw[1] and hw[0] in self.probs
 
     def record(self, name, probs):
-        self.probs.append(probs)
+        self.probs[int(math.isqrt(probs.shape[2]))].append(probs)
 
 
 def word_targets(scene, words) -> list[tuple[list[int], int]]:
@@ -298,9 +329,9 @@ def word_targets(scene, words) -> list[tuple[list[int], int]]:
 
 
 def grounding_losses(probs: list[torch.Tensor], cov: torch.Tensor, targets, keep: torch.Tensor):
-    """TokenCompose's two grounding losses (Wang et al., CVPR 2024) on the 16x16 maps InstDiffEdit reads.
+    """TokenCompose's two grounding losses (Wang et al., CVPR 2024) on the maps of one grid (g x g).
 
-    probs: per layer (B, heads, 256, 77); cov: (B, regions, 256) fraction of each 16x16 cell covered
+    probs: per layer (B, heads, g*g, 77); cov: (B, regions, g*g) fraction of each cell covered
     by each region; targets[b]: word_targets of sample b; keep: (B,) bool, samples to supervise.
     Maps are the mean over heads and layers.
     * token loss: for each named word, the share of its attention (normalised over the cells) that
@@ -326,25 +357,34 @@ def grounding_losses(probs: list[torch.Tensor], cov: torch.Tensor, targets, keep
     return (torch.stack(tok).mean() if tok else zero), (torch.stack(pix).mean() if pix else zero)
 
 
-def region_cover(labels: np.ndarray) -> torch.Tensor:
-    """uint8/int8 label maps (B, 128, 128) -> (B, 1 + MAX_OBJECTS, 256): coverage of each 16x16 cell."""
+def region_cover(labels: np.ndarray, grid: int = 16) -> torch.Tensor:
+    """uint8/int8 label maps (B, 128, 128) -> (B, 1 + MAX_OBJECTS, grid^2): coverage of each cell."""
     lab = torch.from_numpy(labels.astype(np.int64))
     onehot = F.one_hot(lab, 1 + world.MAX_OBJECTS).permute(0, 3, 1, 2).float()
-    return F.avg_pool2d(onehot, SIZE // 16).flatten(2)
+    return F.avg_pool2d(onehot, SIZE // grid).flatten(2)
 
 
 def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, budget_s=None, log_every=50,
-               token_weight=0.1, pixel_weight=0.1, token_max_t=800, edit_phrases=0.0):
+               token_weight=0.1, pixel_weight=0.1, token_max_t=800, edit_phrases=0.0, te=None,
+               config=BASE_UNET_CONFIG, init=None, grids=(16,), name="unet"):
+    """Trains a UNet of `config` and, unless a trained text encoder `te` is given (then frozen), a text
+    encoder with it. init: a trained UNet whose weights the new one starts from (grow_unet); grids: the
+    grids whose cross-attention maps the grounding losses shape."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 3)
     rng = np.random.default_rng([seed, 3])
-    unet = UNet2DConditionModel(UNetConfig(**UNET_CONFIG))
-    te = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    unet = UNet2DConditionModel(UNetConfig(**config))
     ldm_init(unet)
-    clip_init(te)
-    params = list(unet.parameters()) + list(te.parameters())
+    if init is not None:
+        grow_unet(unet, init)
+    frozen_te = te is not None
+    if not frozen_te:
+        te = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        clip_init(te)
+    trained = [unet] if frozen_te else [unet, te]
+    params = [p for m in trained for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    ema = EMA([unet, te])
+    ema = EMA(trained)
     acp = NoiseSchedule(SCHEDULER).alphas_cumprod
     hist, thist, phist, t = [], [], [], Timer()
     step = 0
@@ -359,16 +399,20 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
         ids = tokens(caps)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 100)
-        rec = MapRecorder() if token_weight > 0 or pixel_weight > 0 else None
+        rec = MapRecorder(grids) if token_weight > 0 or pixel_weight > 0 else None
         weight = torch.tensor([float(r is None) for r in edit_region]) if edit_phrases > 0 else None
-        loss, tt = diffusion_loss(unet, latents[idx], te(ids), acp, gen, recorder=rec, weight=weight)
+        with torch.set_grad_enabled(not frozen_te):
+            ctx = te(ids)
+        loss, tt = diffusion_loss(unet, latents[idx], ctx, acp, gen, recorder=rec, weight=weight)
         total = loss
         if rec is not None:
             targets = [word_targets(scenes[int(i)], tokens.words(c)) if r is None else
                        [(pos, r) for w, pos in tokens.words(c) if w not in ("a", "an")]
                        for i, c, r in zip(idx, caps, edit_region)]
-            cov = region_cover(labels[idx.numpy()])
-            tl, pl = grounding_losses(rec.probs, cov, targets, tt < token_max_t)
+            # each grid's losses on its own maps, averaged over the grids: every level localises
+            per_grid = [grounding_losses(probs, region_cover(labels[idx.numpy()], g), targets, tt < token_max_t)
+                        for g, probs in rec.probs.items()]
+            tl, pl = (torch.stack(v).mean() for v in zip(*per_grid))
             total = loss + token_weight * tl + pixel_weight * pl
             thist.append(tl.item())
             phist.append(pl.item())
@@ -381,15 +425,17 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
         step += 1
         if budget_s is not None and step == 30:  # size the run from the measured speed
             steps = max(200, int(budget_s / (t() / 30)))
-            log(f"unet: {t() / 30:.2f}s/step -> {steps} steps for {budget_s:.0f}s")
+            log(f"{name}: {t() / 30:.2f}s/step -> {steps} steps for {budget_s:.0f}s")
         if step % log_every == 0 or step == steps:
-            log(f"unet {step}/{steps} loss {np.mean(hist[-log_every:]):.4f} "
+            log(f"{name} {step}/{steps} loss {np.mean(hist[-log_every:]):.4f} "
                 f"token {np.mean(thist[-log_every:]) if thist else 0:.4f} "
                 f"pixel {np.mean(phist[-log_every:]) if phist else 0:.4f} ({t():.0f}s)")
     ema.copy_to()
     unet.eval().requires_grad_(False)
     te.eval().requires_grad_(False)
     return unet, te, {"steps": steps, "batch": bs, "lr": lr, "final_loss": float(np.mean(hist[-100:])),
+                      "text_encoder": "frozen" if frozen_te else "trained jointly",
+                      "grounding_grids": list(grids), "initialised_from_base": init is not None,
                       "token_loss_weight": token_weight, "pixel_loss_weight": pixel_weight,
                       "grounding_loss_max_t": token_max_t, "edit_phrases": edit_phrases,
                       "final_token_loss": float(np.mean(thist[-100:])) if thist else None,
@@ -479,7 +525,7 @@ def train_inpaint(main_unet, te, latents, scenes, data, tokens, steps, seed, bs=
     gen = torch.Generator().manual_seed(seed + 5)
     rng = np.random.default_rng([seed, 5])
     idx, masks, masked, kinds, objs = data
-    unet = UNet2DConditionModel(UNetConfig(**{**UNET_CONFIG, "in_channels": 9}))
+    unet = UNet2DConditionModel(UNetConfig(**{**BASE_UNET_CONFIG, "in_channels": 9}))
     sd = {k: v.clone() for k, v in main_unet.state_dict().items()}
     w = torch.zeros_like(unet.conv_in.weight)
     w[:, :4] = sd["conv_in.weight"]  # SD inpainting's init: extra input channels start at zero
@@ -518,17 +564,16 @@ def train_inpaint(main_unet, te, latents, scenes, data, tokens, steps, seed, bs=
                   "loss_first_100": float(np.mean(hist[:100])), "seconds": round(t(), 1)}
 
 
-# ---------------------------------------------------------------- quick check: do the 16x16 maps localise?
+# ---------------------------------------------------------------- quick check: do the word maps localise?
 
 @torch.no_grad()
 def localisation_check(unet, te, vae, tokenizer, n=50, t=500, seed=0):
-    """Mean IoU between the thresholded (0.5 of max) 16x16 map of a word, upsampled to 128, and the
-    object's true mask, over the objects of n held-out scenes (benchmark seeds). Prompts: the full
-    caption, and the object's own phrase."""
+    """Mean IoU between the thresholded (0.5 of max) map of a word at each grid, upsampled to 128, and
+    the object's true mask, over the objects of n held-out scenes (benchmark seeds). Prompts: the full
+    caption, and the object's own phrase. Keys end in the grid (e.g. colour_word_full_caption_16)."""
     gen = torch.Generator().manual_seed(seed + 7)
     acp = NoiseSchedule(SCHEDULER).alphas_cumprod
-    res = {"shape_word_full_caption": [], "colour_word_full_caption": [], "shape_word_object_phrase": [],
-           "centred_disc_baseline": []}
+    res = {"centred_disc_baseline": []}
     yy, xx = np.mgrid[:SIZE, :SIZE]
     disc = torch.from_numpy((xx - SIZE / 2 + 0.5) ** 2 + (yy - SIZE / 2 + 0.5) ** 2 < (0.35 * SIZE / 2) ** 2)
 
@@ -544,20 +589,24 @@ def localisation_check(unet, te, vae, tokenizer, n=50, t=500, seed=0):
         prompts = [world.caption(scene)] + [object_phrase(o) for o in scene.objects]
         rec = MapRecorder()
         unet(x.expand(len(prompts), -1, -1, -1), t, te(tokenizer.encode(prompts)), recorder=rec)
-        maps = torch.stack(rec.probs).mean((0, 2)).transpose(1, 2).unflatten(2, rec.hw)  # (B, 77, 16, 16)
+        for g, probs in rec.probs.items():
+            if not probs:  # this UNet has no cross-attention at grid g
+                continue
+            maps = torch.stack(probs).mean((0, 2)).transpose(1, 2).unflatten(2, (g, g))  # (B, 77, g, g)
 
-        def word_mask(p, word):
-            pos = [ps for w, ps in tokenizer.words(prompts[p], split="bpe") if w == word][0]
-            m = maps[p, pos].mean(0)
-            m = F.interpolate(m[None, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0]
-            return m >= 0.5 * m.max()
+            def word_mask(p, word):
+                pos = [ps for w, ps in tokenizer.words(prompts[p], split="bpe") if w == word][0]
+                m = maps[p, pos].mean(0)
+                m = F.interpolate(m[None, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0]
+                return m >= 0.5 * m.max()
 
-        for k, o in enumerate(scene.objects):
-            gt = torch.from_numpy(masks[k])
-            res["shape_word_full_caption"].append(iou(word_mask(0, o.shape), gt))
-            res["colour_word_full_caption"].append(iou(word_mask(0, o.colour), gt))
-            res["shape_word_object_phrase"].append(iou(word_mask(1 + k, o.shape), gt))
-            res["centred_disc_baseline"].append(iou(disc, gt))
+            for k, o in enumerate(scene.objects):
+                gt = torch.from_numpy(masks[k])
+                for key, mask in ((f"shape_word_full_caption_{g}", word_mask(0, o.shape)),
+                                  (f"colour_word_full_caption_{g}", word_mask(0, o.colour)),
+                                  (f"shape_word_object_phrase_{g}", word_mask(1 + k, o.shape))):
+                    res.setdefault(key, []).append(iou(mask, gt))
+        res["centred_disc_baseline"] += [iou(disc, torch.from_numpy(m)) for m in masks]
     return {k: round(float(np.mean(v)), 4) for k, v in res.items()} | {"objects": len(res["centred_disc_baseline"]),
                                                                          "scenes": n, "t": t}
 
@@ -578,14 +627,14 @@ def _save(module, path: Path, prefix: str = "") -> None:
     save_file(sd, str(path), metadata={"format": "pt"})
 
 
-def unet_config_json(in_channels: int) -> dict:
-    cfg = UNetConfig(**{**UNET_CONFIG, "in_channels": in_channels}).to_dict()
+def unet_config_json(config: dict, in_channels: int) -> dict:
+    cfg = UNetConfig(**{**config, "in_channels": in_channels}).to_dict()
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
     return {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0", "act_fn": "silu",
             "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1, **cfg}
 
 
-def save_main(out: Path, unet, te, vae, tokenizer_dir: Path) -> None:
+def save_main(out: Path, unet, te, vae, tokenizer_dir: Path, unet_config: dict = UNET_CONFIG) -> None:
     """assets/toy-sd in the CompVis/stable-diffusion-v1-4 diffusers layout."""
     _write_json(out / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
@@ -593,7 +642,7 @@ def save_main(out: Path, unet, te, vae, tokenizer_dir: Path) -> None:
         "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]})
-    _write_json(out / "unet" / "config.json", unet_config_json(4))
+    _write_json(out / "unet" / "config.json", unet_config_json(unet_config, 4))
     _save(unet, out / "unet" / "diffusion_pytorch_model.safetensors")
     vc = vae.config
     _write_json(out / "vae" / "config.json", {
@@ -636,7 +685,7 @@ def save_inpaint(out: Path, unet) -> None:
     _write_json(out / "model_index.json", {
         "_class_name": "StableDiffusionInpaintPipeline", "_diffusers_version": "0.30.0",
         "unet": ["diffusers", "UNet2DConditionModel"]})
-    _write_json(out / "unet" / "config.json", unet_config_json(9))
+    _write_json(out / "unet" / "config.json", unet_config_json(BASE_UNET_CONFIG, 9))
     _save(unet, out / "unet" / "diffusion_pytorch_model.safetensors")
 
 
@@ -659,9 +708,18 @@ def main(argv=None) -> None:
     p.add_argument("--vae-full-steps", type=int, default=150, help="then VAE steps on whole images (batch 8)")
     p.add_argument("--vae-from", default=None, help="load the VAE from this toy-sd folder instead of training it")
     p.add_argument("--unet-from", default=None,
-                   help="load the UNet and text encoder from this toy-sd folder instead of training them "
-                        "(to retrain only the inpainting UNet)")
-    p.add_argument("--unet-steps", type=int, default=2200)
+                   help="load the base UNet (BASE_UNET_CONFIG's layout) and the text encoder from this toy-sd "
+                        "folder instead of training them in phase 2")
+    p.add_argument("--inpaint-from", default=None,
+                   help="copy the inpainting UNet from this toy-sd-inpaint folder instead of training it (it must "
+                        "have been trained with the same text encoder)")
+    p.add_argument("--unet-steps", type=int, default=2200, help="phase 2: base UNet + text encoder steps")
+    p.add_argument("--grow-steps", type=int, default=GROW_STEPS,
+                   help="phase 2b: steps of the grown UNet (cross-attention at every level), text encoder frozen; "
+                        "0 (default): ship the base UNet")
+    p.add_argument("--grow-lr", type=float, default=5e-4, help="phase 2b peak learning rate")
+    p.add_argument("--grow-minutes", type=float, default=None,
+                   help="size phase 2b's step count to about this many minutes from its measured speed")
     p.add_argument("--token-loss", type=float, default=0.2,
                    help="weight of the token grounding loss on the 16x16 maps (0: off)")
     p.add_argument("--pixel-loss", type=float, default=0.2,
@@ -704,7 +762,8 @@ def main(argv=None) -> None:
         vae, phases["vae"] = train_vae(images, a.vae_steps, a.vae_full_steps, a.seed)
     t = Timer()
     z = encode_all(vae, images)
-    scale = 1.0 / float(z.std())
+    # a reused VAE keeps the scale its UNets were trained with (a smaller --scenes would re-estimate it)
+    scale = float(vae.config.scaling_factor) if a.vae_from else 1.0 / float(z.std())
     vae.config.scaling_factor = scale
     latents = z * scale
     rec = vae.decode(z[:64])
@@ -718,26 +777,51 @@ def main(argv=None) -> None:
     if a.unet_from:  # phase 2 done earlier: keep its record next to the reused weights
         from weights import load
         sd = load(a.unet_from, components=("unet", "text_encoder"))
-        unet, te = sd.unet.eval().requires_grad_(False), sd.text_encoder.eval().requires_grad_(False)
+        base, te = sd.unet.eval().requires_grad_(False), sd.text_encoder.eval().requires_grad_(False)
+        if base.config.down_block_types != BASE_UNET_CONFIG["down_block_types"]:
+            sys.exit(f"error: --unet-from {a.unet_from}: its UNet has cross-attention at "
+                     f"{base.config.down_block_types}, not the base layout {BASE_UNET_CONFIG['down_block_types']}")
         prev = Path(a.unet_from) / "training_log.json"
         rec = json.loads(prev.read_text())["phases"]["unet"] if prev.is_file() else None
         # a folder that itself reused its UNet holds the training record one level down
         phases["unet"] = {"reused_from": a.unet_from, "record": rec.get("record", rec) if rec else None}
     else:
-        unet, te, phases["unet"] = train_unet(latents, scenes, labels, tokens, a.unet_steps, a.seed,
+        base, te, phases["unet"] = train_unet(latents, scenes, labels, tokens, a.unet_steps, a.seed,
                                               token_weight=a.token_loss, pixel_weight=a.pixel_loss,
                                               edit_phrases=a.edit_phrases,
                                               budget_s=None if remaining is None else 0.64 * remaining)
-    save_main(out_main, unet, te, vae, tok_dir)
+    # phase 2b: grow the base UNet to cross-attention at every level and train it with the text encoder
+    # frozen, so the inpainting UNet (conditioned on the same text encoder) stays valid
+    unet, phases["grow"] = base, {"steps": 0}
+    if a.grow_steps > 0 or a.grow_minutes:  # seed + 1: its own sample order, not phase 2's again
+        unet, _, phases["grow"] = train_unet(latents, scenes, labels, tokens, a.grow_steps, a.seed + 1,
+                                             lr=a.grow_lr, token_weight=a.token_loss, pixel_weight=a.pixel_loss,
+                                             edit_phrases=a.edit_phrases, te=te, config=UNET_CONFIG, init=base,
+                                             grids=ALL_GRIDS, name="grow",
+                                             budget_s=None if a.grow_minutes is None else 60 * a.grow_minutes)
+    save_main(out_main, unet, te, vae, tok_dir, UNET_CONFIG if unet is not base else BASE_UNET_CONFIG)
 
-    t = Timer()
-    data = inpaint_data(vae, scale, images, labels, scenes, a.inpaint_examples, a.seed)
-    phases["inpaint_data"] = {"examples": a.inpaint_examples, "seconds": round(t(), 1),
-                              "kinds": {k: data[3].count(k) for k in ("object", "background", "random", "full")}}
-    remaining = None if budget is None else budget - clock() - 60
-    inp, phases["inpaint"] = train_inpaint(unet, te, latents, scenes, data, tokens, a.inpaint_steps, a.seed,
-                                           budget_s=remaining)
-    save_inpaint(out_inp, inp)
+    if a.inpaint_from:  # phase 3 done earlier with this text encoder: copy its folder as it is
+        from weights import load
+        inp = load(a.inpaint_from, components=("unet",)).unet
+        prev = json.loads((Path(a.inpaint_from) / "unet" / "config.json").read_text())
+        phases["inpaint"] = {"reused_from": a.inpaint_from,
+                             "layout": {k: prev[k] for k in ("down_block_types", "up_block_types")}}
+        if Path(a.inpaint_from).resolve() != out_inp.resolve():
+            out_inp.mkdir(parents=True, exist_ok=True)
+            for f in Path(a.inpaint_from).rglob("*"):
+                if f.is_file():
+                    (out_inp / f.relative_to(a.inpaint_from)).parent.mkdir(parents=True, exist_ok=True)
+                    (out_inp / f.relative_to(a.inpaint_from)).write_bytes(f.read_bytes())
+    else:
+        t = Timer()
+        data = inpaint_data(vae, scale, images, labels, scenes, a.inpaint_examples, a.seed)
+        phases["inpaint_data"] = {"examples": a.inpaint_examples, "seconds": round(t(), 1),
+                                  "kinds": {k: data[3].count(k) for k in ("object", "background", "random", "full")}}
+        remaining = None if budget is None else budget - clock() - 60
+        inp, phases["inpaint"] = train_inpaint(base, te, latents, scenes, data, tokens, a.inpaint_steps, a.seed,
+                                               budget_s=remaining)
+        save_inpaint(out_inp, inp)
 
     t = Timer()
     check = localisation_check(unet, te, vae, tokenizer, n=a.check_scenes, seed=a.seed)
@@ -755,7 +839,7 @@ def main(argv=None) -> None:
                     "torch": torch.__version__, "python": platform.python_version()},
         "phases": phases, "parameters": n_params, "bytes_on_disk": sizes,
         "bytes_total": sum(sizes.values()), "attention_localisation": check,
-        "configs": {"vae": VAE_CONFIG, "unet": UNET_CONFIG, "text_encoder": TEXT_CONFIG,
+        "configs": {"vae": VAE_CONFIG, "unet": UNET_CONFIG, "base_unet": BASE_UNET_CONFIG, "text_encoder": TEXT_CONFIG,
                     "scheduler": SCHEDULER.to_dict()},
     }
     _write_json(out_main / "training_log.json", report)

@@ -1,0 +1,49 @@
+"""toy.benchmark's aggregation: every summary figure carries a 95% bootstrap interval over cases,
+computed on the right cases (per kind, rate as a ratio of paired means), and the tables print it."""
+import numpy as np
+import pytest
+
+from toy.benchmark import summarise, table
+
+
+def _rows(n=90, seed=0):
+    rng = np.random.default_rng(seed)
+    kinds = ("main", "secondary", "background")
+    base = {"main": 0.6, "secondary": 0.35, "background": 0.9}
+    rows = []
+    for i in range(n):
+        k = kinds[i % 3]
+        c_non = rng.uniform(0.02, 0.15)
+        rows.append({"id": str(i), "kind": k, "seconds": 1.0, "iou": float(np.clip(base[k] + rng.normal(0, .1), 0, 1)),
+                     "iou_sot_only": rng.uniform(0.2, 0.4), "c_m": 3 * c_non + rng.uniform(0, 0.1), "c_non": c_non})
+    return rows
+
+
+def test_every_figure_has_an_interval_around_it():
+    s = summarise(_rows())
+    for key in ("iou", "iou_sot_only", "iou_main", "iou_secondary", "iou_background", "c_m", "c_non", "rate"):
+        lo, hi = s["ci"][key]
+        assert lo < s[key] < hi, key
+    # per-kind intervals come from that kind's cases alone: the background IoUs sit near 0.9
+    assert s["ci"]["iou_background"][0] > s["ci"]["iou"][1]
+    # the rate is mean C_m / mean C_non, not the mean of per-case ratios
+    rows = _rows()
+    assert s["rate"] == pytest.approx(np.mean([r["c_m"] for r in rows]) / np.mean([r["c_non"] for r in rows]))
+
+
+def test_interval_narrows_with_more_cases_and_ignores_missing_values():
+    small, large = summarise(_rows(30)), summarise(_rows(600))
+    width = lambda s, k: s["ci"][k][1] - s["ci"][k][0]  # noqa: E731
+    for key in ("iou", "rate", "c_non"):
+        assert width(large, key) < 0.6 * width(small, key), key  # ~ 1 / sqrt(20) ideally
+    masks_only = [{k: v for k, v in r.items() if k not in ("c_m", "c_non")} for r in _rows()]
+    s = summarise(masks_only)
+    assert s["rate"] is None and "rate" not in s["ci"] and "c_m" not in s["ci"] and "iou" in s["ci"]
+
+
+def test_table_prints_the_interval():
+    s = summarise(_rows())
+    text = table("t", {"instdiffedit": s})
+    lo, hi = s["ci"]["iou"]
+    assert f"{100 * s['iou']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in text
+    assert f"{s['rate']:.2f} [{s['ci']['rate'][0]:.2f}, {s['ci']['rate'][1]:.2f}]" in text
