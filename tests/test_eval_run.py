@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +53,15 @@ def _items(out: Path) -> dict[str, tuple[bytes, dict]]:
 
 @pytest.fixture(scope="module")
 def single(toy_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "run"
-    assert _run(toy_data, out) == 0
+    # one thread, as the torchrun ranks below (OMP_NUM_THREADS=1): float sums depend on the thread count,
+    # and the comparison is byte for byte
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("single") / "run"
+        assert _run(toy_data, out) == 0
+    finally:
+        torch.set_num_threads(n)
     return out
 
 
@@ -94,7 +102,7 @@ def test_missing_folders_are_errors(toy_data, tmp_path, capsys):
 
 
 @pytest.mark.slow  # two model loads per torchrun rank plus two --shard runs: about 25 s
-def test_shards_and_torchrun_equal_one_process(toy_data, single, tmp_path):
+def test_shards_and_torchrun_equal_one_process(toy_data, single, tmp_path, one_thread):
     expected = _items(single)
     # two independent --shard processes (run one after the other here) into one folder
     sharded = tmp_path / "sharded"
