@@ -613,11 +613,11 @@ class InstDiffEdit:
         m = get_method(o.method)
         if mask is not None and not m.takes_mask:
             raise EditError(f"method {o.method} edits the whole image and takes no mask")
+        if kind == "mask" and not m.makes_mask:  # refused before the image is encoded
+            raise EditError(f"method {o.method} makes no mask")
         tic = _clock(self.device)
         img, job = self._job(image, edit, o, progress, mask, generator, callback)
         if kind == "mask":
-            if not m.makes_mask:
-                raise EditError(f"method {o.method} makes no mask")
             st = m.mask(self, job)
             return self._result(img, job, st, None, {"mask_s": _clock(self.device) - tic})
         out = m.edit(self, job)
