@@ -77,6 +77,20 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(b)
 
 
+def _attempt(call, ours: type[Exception], counts: Counter, foreign: Counter, label: str) -> None:
+    """Run one fuzz case: count it as loaded, refused (our own error type) or foreign (anything else)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call()
+        counts["loaded"] += 1
+    except ours:
+        counts["refused"] += 1
+    except Exception as e:  # noqa: BLE001 -- counting what escapes is the point
+        counts["foreign"] += 1
+        foreign[f"{label} {type(e).__name__}: {str(e)[:70]}"] += 1
+
+
 def fuzz_images(n: int, seed: int = 0, folder: Path | None = None) -> dict:
     """n mutated images through instdiffedit.load_image: counts of loaded, refused and foreign outcomes."""
     from instdiffedit import EditError, load_image
@@ -89,16 +103,7 @@ def fuzz_images(n: int, seed: int = 0, folder: Path | None = None) -> dict:
             fmt = FORMATS[i % len(FORMATS)]
             p = tmp / f"case{i}.{fmt.lower()}"
             p.write_bytes(mutate(rng.choice(bases[fmt]), rng))
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    load_image(p).tobytes()
-                counts["loaded"] += 1
-            except EditError:
-                counts["refused"] += 1
-            except Exception as e:  # noqa: BLE001 -- counting what escapes is the point
-                counts["foreign"] += 1
-                foreign[f"{fmt} {type(e).__name__}: {str(e)[:60]}"] += 1
+            _attempt(lambda: load_image(p).tobytes(), EditError, counts, foreign, fmt)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"cases": n, **counts, "foreign_kinds": dict(foreign)}
@@ -141,16 +146,8 @@ def fuzz_checkpoints(n: int, seed: int = 0, folder: Path | None = None) -> dict:
                 (case / t).write_text(_mutate_config(originals[t].decode(), rng))
             else:
                 (case / t).write_bytes(_mutate_safetensors(originals[t], rng))
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    load(case, components=("unet", "vae", "text_encoder", "scheduler"), dtype=torch.float32)
-                counts["loaded"] += 1
-            except WeightsError:
-                counts["refused"] += 1
-            except Exception as e:  # noqa: BLE001 -- counting what escapes is the point
-                counts["foreign"] += 1
-                foreign[f"{t} {type(e).__name__}: {str(e)[:70]}"] += 1
+            _attempt(lambda: load(case, components=("unet", "vae", "text_encoder", "scheduler"), dtype=torch.float32),
+                     WeightsError, counts, foreign, t)
             (case / t).write_bytes(originals[t])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -131,10 +131,8 @@ def test_batch_padding(tok):
     assert ids[1, 9] == tok.eos_id and (ids[1, 10:] == tok.pad_id).all()
 
 
-def test_bpe_words_group_multi_token_words(tok, ref):
-    prompt = "a red axolotl and pneumonoultramicroscopic dust, please"
-    words = tok.words(prompt, split="bpe")
-    assert [w for w, _ in words] == ["a", "red", "axolotl", "and", "pneumonoultramicroscopic", "dust", ",", "please"]
+def _assert_positions_follow_the_pieces(tok, ref, prompt, words):
+    """Each word's positions are its reference BPE pieces, in order from SOT + 1, and EOT follows the last."""
     ids = tok.encode([prompt])[0].tolist()
     pos = 1
     for word, positions in words:
@@ -143,6 +141,13 @@ def test_bpe_words_group_multi_token_words(tok, ref):
         assert [ids[p] for p in positions] == want, word
         pos += len(want)
     assert ids[pos] == tok.eos_id
+
+
+def test_bpe_words_group_multi_token_words(tok, ref):
+    prompt = "a red axolotl and pneumonoultramicroscopic dust, please"
+    words = tok.words(prompt, split="bpe")
+    assert [w for w, _ in words] == ["a", "red", "axolotl", "and", "pneumonoultramicroscopic", "dust", ",", "please"]
+    _assert_positions_follow_the_pieces(tok, ref, prompt, words)
     assert len(dict(words)["pneumonoultramicroscopic"]) == len(ref.pieces("pneumonoultramicroscopic"))
 
 
@@ -152,14 +157,7 @@ def test_words_are_space_separated(tok, ref, prompt):
     # the authors' words: edit.split(" "); each word's positions are its BPE pieces, in order
     words = tok.words(prompt)
     assert [w for w, _ in words] == prompt.split()
-    ids = tok.encode([prompt])[0].tolist()
-    pos = 1
-    for word, positions in words:
-        want = ref.ids(word)
-        assert positions == list(range(pos, pos + len(want))), word
-        assert [ids[p] for p in positions] == want, word
-        pos += len(want)
-    assert ids[pos] == tok.eos_id
+    _assert_positions_follow_the_pieces(tok, ref, prompt, words)
 
 
 def test_space_words_hyphen_and_comma_are_one_word(tok):
