@@ -10,8 +10,8 @@ Pipeline (docs/method-notes.md, "Mask from attention"; paper Eq. 6-9):
    (a space-separated word of the edit text, see ``Tokenizer.words``) split into several BPE
    tokens gets the mean of its tokens' raw maps. Every map is upsampled to the latent size with
    Pillow's bicubic filter (``mask.filters.pil_resize``), which is what the authors' 8-bit
-   ``Image.resize`` does, after scaling to 255 / max and modelling the authors' uint8 cast by its
-   mean; the result is clipped to [0, 255] as their 8-bit image clips the filter's overshoot, then
+   ``Image.resize`` does, after scaling to 255 / max and truncating to whole levels as the
+   authors' uint8 cast does; the result is clipped to [0, 255] as their 8-bit image clips the filter's overshoot, then
    min-max normalised. The SOT map is inverted first: SOT attends to the background, so the
    inverted map highlights the object.
    Upsampling first (as the authors do) means Eq. 6-9, the blur and the mask all live at latent
@@ -27,10 +27,10 @@ Pipeline (docs/method-notes.md, "Mask from attention"; paper Eq. 6-9):
    OpenCV's 5x5 binomial blur applied twice, min-max normalisation, and ``mask = soft > threshold``.
    With a single word (maps SOT, word, EOT) the word map is the refined map (P = [0, 1, 0]).
 
-``exact_authors=True`` also reproduces the authors' 8-bit steps: each map truncated to uint8 after
-the 255 / max scaling, resized by Pillow's fixed-point 8-bit code, inverted as ``255 - x``, and
-truncated to uint8 again after the min-max. The defaults keep floats (no quantisation noise, any
-float dtype and device); docs/method-notes.md has how closely each agrees with the authors' code.
+``exact_authors=True`` also reproduces the authors' later 8-bit steps: the resize by Pillow's
+fixed-point 8-bit code (rounded to whole levels), the inversion as ``255 - x``, and the second uint8
+truncation after the min-max. The defaults keep those in floats (any float dtype and device);
+docs/method-notes.md has how closely each agrees with the authors' code.
 
 Flat maps: where the authors divide 0 by 0 (a flat map in a min-max gives NaN, and a NaN refined map
 an empty mask), ``minmax`` returns zeros, so the result stays finite.
@@ -110,19 +110,22 @@ BLURS = ("binomial", "gaussian")      # "binomial" is the authors' cv2.GaussianB
 def _normalised_maps(raw: torch.Tensor, size: tuple[int, int], upsample: str,
                      exact_authors: bool) -> torch.Tensor:
     """(n, H, W) word maps at latent size in [0, 1], row 0 the inverted SOT map (step 1)."""
+    # Eq. 6-9 start from the authors' first uint8 cast, uint8(255 * map / max), reproduced exactly (a
+    # truncation on the device): on the 16x16 grid its error is upsampled 16-fold and does not average
+    # out, so it is the rounding that moves the Eq. 7 similarities most. A flat zero map gives 0 where
+    # the authors' 0 / 0 casts NaN to 0.
     top = raw.flatten(1).amax(1).view(-1, 1, 1)
+    q = torch.where(top > 0, torch.trunc(255 * raw / torch.where(top > 0, top, 1)), 0)
     if exact_authors:
-        # uint8(255 * map / max) (a flat zero map: 0 where the authors' 0 / 0 casts NaN to 0), Pillow's
-        # 8-bit resize, SOT inverted as 255 - x, min-max, uint8 again; then back to [0, 1] as ToTensor does
-        q = torch.where(top > 0, torch.trunc(255 * raw / torch.where(top > 0, top, 1)), 0)
+        # Pillow's 8-bit resize, SOT inverted as 255 - x, min-max, uint8 again; then back to [0, 1] as
+        # ToTensor does
         up = pil_resize(q, size, "bicubic", uint8=True)
         up[0] = 255 - up[0]
         return torch.trunc(minmax(up / 255) * 255) / 255
-    # the authors' first uint8 cast, modelled by its mean: truncation lowers 255 * map / max by half a
-    # level on average and zeroes what lies below one level (the later casts are left out: modelling
-    # them too over-corrects Eq. 7, measured in docs/method-notes.md)
-    v = (255 * raw / torch.where(top > 0, top, 1) - 0.5).clamp_min(0)
-    up = pil_resize(v, size, upsample).clamp(0, 255)  # the 8-bit image clips the cubic's overshoot
+    # the later steps stay in floats (the second cast is left out: where the 8-bit image spans 0..255
+    # (two thirds of the maps in tests/test_mask_oracle.py), the authors' min-max returns whole levels and that cast changes nothing, so
+    # modelling it over-corrects Eq. 7; measured in docs/method-notes.md)
+    up = pil_resize(q, size, upsample).clamp(0, 255)  # the 8-bit image clips the cubic's overshoot
     up[0] = -up[0]  # inverted SOT; min-max makes it 1 - minmax(SOT), and keeps a flat SOT at 0
     return minmax(up)
 

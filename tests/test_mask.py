@@ -42,7 +42,7 @@ def scene_maps():
         0.01 + 0.05 * B,      # a
         0.02 + 0.03 * C,      # big
         0.01 + 0.07 * A_RED,  # red
-        0.005 + 0.08 * CAR,   # car
+        (15 + 240 * CAR) / 256,  # car (levels 15, 135, 255 of 255 exactly, through the uint8 cast too)
         0.02 + 0.3 * A,       # EOT
     ]
     pads = torch.rand(3, G, G, generator=g)  # padding tokens after EOT: must be ignored
@@ -93,7 +93,7 @@ def test_scene_mask_at_latent_size_is_region_A():
         return ~dilate(~m, r)
 
     m = res.mask
-    # Bilinear upsampling puts the 16->64 edge midway in a 4-px ramp and the double blur widens it:
+    # Upsampling puts the 16->64 edge midway in a 4-px ramp and the double blur widens it:
     # the 0.2 contour sits ~2 px outside A's boundary (see the 1-D derivation in the one-word test).
     assert not (m & b64).any()                         # the P=-1 word's region is cut out
     assert (m | ~erode(a64, 2)).all()                  # A's interior is covered
@@ -130,20 +130,19 @@ def test_strict_inequalities_option():
 
 def test_multi_token_word_uses_mean_of_raw_maps():
     # "a dragonfly" -> words [[1], [2, 3]], EOT 4. Token 2 lights L, token 3 lights R three times
-    # as strongly; their mean 0.05 L + 0.15 R normalises to L: 1/3, R: 1, elsewhere 0, which is
-    # neither part alone nor the mean of the normalised parts (1/2, 1/2). The default models the
-    # authors' uint8 cast of 255 * map / max by its mean (minus half a level): L sits at 85 - 0.5 of
-    # 255 - 0.5.
+    # as strongly; their mean 0.05 L + 0.2 R normalises to L: 1/4, R: 1, elsewhere 0, which is
+    # neither part alone nor the mean of the normalised parts (1/2, 1/2). As in the authors' uint8
+    # cast of 255 * map / max, L's 63.75 is truncated to 63 of 255.
     L = box(0, 15, 0, 5)
     R = box(0, 15, 10, 15)
-    maps = torch.stack([1 - L - R, 0.02 * B, 0.1 * L, 0.3 * R, 0.5 * L, torch.rand(G, G)])
+    maps = torch.stack([1 - L - R, 0.02 * B, 0.1 * L, 0.4 * R, 0.5 * L, torch.rand(G, G)])
     res = instant_mask(maps, [[1], [2, 3]], (G, G))
-    torch.testing.assert_close(res.word_maps[2], L * (84.5 / 254.5) + R)
+    torch.testing.assert_close(res.word_maps[2], L * (63 / 255) + R)
     assert res.P.shape == (4,)
     # non-contiguous positions take the same mean
-    maps2 = torch.stack([1 - L - R, 0.1 * L, 0.02 * B, 0.3 * R, 0.5 * L])
+    maps2 = torch.stack([1 - L - R, 0.1 * L, 0.02 * B, 0.4 * R, 0.5 * L])
     res2 = instant_mask(maps2, [[1, 3], [2]], (G, G))
-    torch.testing.assert_close(res2.word_maps[1], L * (84.5 / 254.5) + R)
+    torch.testing.assert_close(res2.word_maps[1], L * (63 / 255) + R)
 
 
 def _ref_profile_1d():

@@ -172,9 +172,9 @@ def test_cases_cover_the_brief(tok, cases):
 
 
 @pytest.mark.parametrize("options, min_same_P, min_median_iou", [
-    # the issue asked 0.97 at the defaults; the float path measures 0.964 here (its misses are the
-    # near-threshold cases and Eq. 6 near-ties), so this asserts what it reaches: see the README
-    ({}, 0.95, 0.995),
+    # the defaults miss 6 of these 221 (near-threshold cases, where the authors' later uint8 roundings
+    # decide, and an Eq. 6 near-tie): 97.3 %, at the bar; docs/method-notes.md has other case seeds
+    ({}, 0.97, 0.995),
     ({"exact_authors": True}, 0.99, 0.999),
 ])
 def test_agrees_with_authors_code(tok, cases, options, min_same_P, min_median_iou):

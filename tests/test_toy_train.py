@@ -76,3 +76,23 @@ def test_training_script_runs_end_to_end(tmp_path, one_thread):
     grow = log["phases"]["grow"]
     assert grow["steps"] == 2 and grow["text_encoder"] == "frozen" and grow["grounding_grids"] == [32, 16, 8]
     assert "colour_word_full_caption_32" in log["attention_localisation"]
+
+
+def test_inpaint_resume_continues_the_given_unet(tmp_path, one_thread):
+    """--inpaint-resume starts phase 3 from the given inpainting UNet (0 steps return it unchanged; the
+    fresh start zero-initialises the mask channels instead) and records where it came from."""
+    shipped = ROOT / "assets" / "toy-sd-inpaint"
+    common = ["--vae-from", str(ROOT / "assets" / "toy-sd"), "--unet-from", str(ROOT / "assets" / "toy-sd"),
+              "--scenes", "32", "--inpaint-examples", "32", "--check-scenes", "1"]
+    main(["--out", str(tmp_path / "r0"), "--inpaint-resume", str(shipped), "--inpaint-steps", "0", *common])
+    before = load(str(shipped), components=("unet",)).unet.state_dict()
+    after = load(str(tmp_path / "r0" / "toy-sd-inpaint"), components=("unet",)).unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert before["conv_in.weight"][:, 4:].abs().sum() > 0  # not what a fresh start would give
+    main(["--out", str(tmp_path / "r1"), "--inpaint-resume", str(shipped), "--inpaint-steps", "1", *common])
+    moved = load(str(tmp_path / "r1" / "toy-sd-inpaint"), components=("unet",)).unet.state_dict()
+    assert not torch.equal(moved["conv_in.weight"], before["conv_in.weight"])
+    record = json.loads((tmp_path / "r1" / "toy-sd" / "training_log.json").read_text())["phases"]["inpaint"]
+    assert record["resumed_from"] == str(shipped) and record["steps"] == 1
+    shipped_log = json.loads((ROOT / "assets" / "toy-sd" / "training_log.json").read_text())
+    assert record["earlier"] == shipped_log["phases"]["inpaint"]  # the shipped run's own record, carried over

@@ -520,16 +520,21 @@ def inpaint_data(vae, scale, images, labels, scenes, n, seed, bs=64):
 
 
 def train_inpaint(main_unet, te, latents, scenes, data, tokens, steps, seed, bs=32, lr=5e-4, budget_s=None,
-                  log_every=50):
+                  log_every=50, resume=None):
+    """Phase 3: the 9-channel inpainting UNet, initialised from ``main_unet`` as SD's was, or, with
+    ``resume`` (an inpainting UNet trained earlier with the same text encoder), continued from it."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 5)
     rng = np.random.default_rng([seed, 5])
     idx, masks, masked, kinds, objs = data
     unet = UNet2DConditionModel(UNetConfig(**{**BASE_UNET_CONFIG, "in_channels": 9}))
-    sd = {k: v.clone() for k, v in main_unet.state_dict().items()}
-    w = torch.zeros_like(unet.conv_in.weight)
-    w[:, :4] = sd["conv_in.weight"]  # SD inpainting's init: extra input channels start at zero
-    sd["conv_in.weight"] = w
+    if resume is not None:
+        sd = {k: v.float().clone() for k, v in resume.state_dict().items()}
+    else:
+        sd = {k: v.clone() for k, v in main_unet.state_dict().items()}
+        w = torch.zeros_like(unet.conv_in.weight)
+        w[:, :4] = sd["conv_in.weight"]  # SD inpainting's init: extra input channels start at zero
+        sd["conv_in.weight"] = w
     unet.load_state_dict(sd, strict=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     ema = EMA([unet])
@@ -560,8 +565,9 @@ def train_inpaint(main_unet, te, latents, scenes, data, tokens, steps, seed, bs=
             log(f"inpaint {step}/{steps} loss {np.mean(hist[-log_every:]):.4f} ({t():.0f}s)")
     ema.copy_to()
     unet.eval().requires_grad_(False)
-    return unet, {"steps": steps, "batch": bs, "lr": lr, "final_loss": float(np.mean(hist[-100:])),
-                  "loss_first_100": float(np.mean(hist[:100])), "seconds": round(t(), 1)}
+    return unet, {"steps": steps, "batch": bs, "lr": lr,
+                  "final_loss": float(np.mean(hist[-100:])) if hist else None,
+                  "loss_first_100": float(np.mean(hist[:100])) if hist else None, "seconds": round(t(), 1)}
 
 
 # ---------------------------------------------------------------- quick check: do the word maps localise?
@@ -731,6 +737,10 @@ def main(argv=None) -> None:
     p.add_argument("--inpaint-examples", type=int, default=10000,
                    help="masked images encoded for inpainting (at most --scenes: one per scene)")
     p.add_argument("--inpaint-steps", type=int, default=7000)
+    p.add_argument("--inpaint-lr", type=float, default=5e-4, help="phase 3 peak learning rate")
+    p.add_argument("--inpaint-resume", default=None,
+                   help="phase 3 continues the inpainting UNet of this toy-sd-inpaint folder (trained with the same "
+                        "text encoder) for --inpaint-steps, on freshly drawn masks and its own sample order")
     p.add_argument("--minutes-budget", type=float, default=None,
                    help="size the UNet / inpainting step counts to finish in about this many minutes")
     p.add_argument("--threads", type=int, default=1,
@@ -814,13 +824,24 @@ def main(argv=None) -> None:
                     (out_inp / f.relative_to(a.inpaint_from)).parent.mkdir(parents=True, exist_ok=True)
                     (out_inp / f.relative_to(a.inpaint_from)).write_bytes(f.read_bytes())
     else:
+        resume = None
+        if a.inpaint_resume:
+            from weights import load
+            resume = load(a.inpaint_resume, components=("unet",)).unet
+        # a resumed run draws new masks and a new sample order (seed + 2), not the first run's again
+        seed3 = a.seed + 2 if resume is not None else a.seed
         t = Timer()
-        data = inpaint_data(vae, scale, images, labels, scenes, a.inpaint_examples, a.seed)
+        data = inpaint_data(vae, scale, images, labels, scenes, a.inpaint_examples, seed3)
         phases["inpaint_data"] = {"examples": a.inpaint_examples, "seconds": round(t(), 1),
                                   "kinds": {k: data[3].count(k) for k in ("object", "background", "random", "full")}}
         remaining = None if budget is None else budget - clock() - 60
-        inp, phases["inpaint"] = train_inpaint(base, te, latents, scenes, data, tokens, a.inpaint_steps, a.seed,
-                                               budget_s=remaining)
+        inp, phases["inpaint"] = train_inpaint(base, te, latents, scenes, data, tokens, a.inpaint_steps, seed3,
+                                               lr=a.inpaint_lr, budget_s=remaining, resume=resume)
+        if a.inpaint_resume:  # keep the earlier run's record (toy-sd's log holds it) beside this one
+            phases["inpaint"]["resumed_from"] = a.inpaint_resume
+            prev = Path(a.unet_from or "") / "training_log.json"
+            if a.unet_from and prev.is_file():
+                phases["inpaint"]["earlier"] = json.loads(prev.read_text())["phases"].get("inpaint")
         save_inpaint(out_inp, inp)
 
     t = Timer()
