@@ -46,13 +46,12 @@ __all__ = [
     "parse_list",
     "parse_lines",
     "safe_id",
-    "shared_lists_dir",
 ]
 
 SEP = " <> "
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 
-#: dataset name -> list file name in shared/reference/dataset-lists/
+#: dataset name -> the authors' list file name (in their repository's dataset_txt/)
 DATASET_LISTS = {
     "editing-mask": "Editing-Mask_list.txt",
     "imagenet": "ImageNet_list.txt",
@@ -160,18 +159,13 @@ def parse_list(path: str | Path, with_masks: bool | None = None) -> list[EditIte
     return parse_lines(text.splitlines(), source=str(path), with_masks=with_masks)
 
 
-def shared_lists_dir(repo_root: str | Path | None = None) -> Path:
-    """``<repo>/../shared/reference/dataset-lists`` (may not exist)."""
-    root = Path(repo_root) if repo_root else Path(__file__).resolve().parents[1]
-    return root.parent / "shared" / "reference" / "dataset-lists"
-
-
-def load_list(name: str, lists_dir: str | Path | None = None) -> list[EditItem]:
-    """Parse a dataset by name (``editing-mask``, ``imagenet``, ``imagen``)."""
+def load_list(name: str, lists_dir: str | Path) -> list[EditItem]:
+    """Parse a dataset by name (``editing-mask``, ``imagenet``, ``imagen``) from ``lists_dir``, a
+    folder holding the authors' list files (their repository's ``dataset_txt/``; not shipped here)."""
     key = name.lower().replace("_", "-")
     if key not in DATASET_LISTS:
         raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASET_LISTS)}")
-    return parse_list(Path(lists_dir or shared_lists_dir()) / DATASET_LISTS[key])
+    return parse_list(Path(lists_dir) / DATASET_LISTS[key])
 
 
 def _find(dirpath: Path, names: list[str]) -> Path | None:
