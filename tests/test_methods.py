@@ -330,3 +330,15 @@ def test_toy_benchmark_methods_flag_refuses_an_unknown_method_before_loading(tmp
     err = capsys.readouterr().err
     assert rc == 2 and err == "error: --methods: 'nope' is not one of " + ", ".join(REGISTRY) + "\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_toy_benchmark_validates_only_the_methods_it_runs(tmp_path, capsys):
+    """--no-inpaint is InstDiffEdit's: with --no-methods no other method runs, so it is not refused for them
+    (the run gets as far as loading the absent model, refused in one line); with the comparison on, it is,
+    before loading."""
+    import toy.benchmark
+    absent = ["--model", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), "--no-inpaint"]
+    assert toy.benchmark.main(absent + ["--no-methods", "--no-ablation"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: model: {tmp_path / 'absent'}: no such file or folder")
+    assert toy.benchmark.main(absent) == 2
+    assert "--no-inpaint is InstDiffEdit's" in capsys.readouterr().err

@@ -198,16 +198,21 @@ def main(argv=None) -> int:
     def options_for(method: str) -> dict:
         return {k: v for k, v in given.items() if k in get_method(method).option_specs()}
 
-    try:  # bad options: one line before anything is loaded
-        for method in chosen:
+    try:  # bad options: one line before anything is loaded (only for the methods that will run)
+        for method in ["instdiffedit"] + ([] if args.no_methods else chosen):
             EditOptions(method, **options_for(method))
     except EditError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     from instdiffedit import InstDiffEdit
+    from weights import WeightsError
     torch.manual_seed(0)
-    pipe = InstDiffEdit.from_pretrained(args.model, args.inpaint_model, device="cpu", dtype=torch.float32)
+    try:
+        pipe = InstDiffEdit.from_pretrained(args.model, args.inpaint_model, device="cpu", dtype=torch.float32)
+    except (OSError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cases = benchmark_cases(max(args.n, args.ablation_n, args.methods_n), size=pipe.size, seed_set=args.seed_set)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
