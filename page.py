@@ -31,6 +31,7 @@ from pathlib import Path
 
 import instdiffedit
 from evaluation.figures import steps_strip
+from images import load_image
 from methods import REGISTRY, EditError, Option
 from methods.options import SHARED_BY_NAME
 from weights.sources import assets_dir
@@ -212,7 +213,7 @@ def build(page: Page):
                     masks.append(mask)
                 if len(softs) > shown and worker.is_alive():
                     shown = len(softs)
-                    picture = picture or instdiffedit.load_image(path)  # the CLI has read it already
+                    picture = picture or load_image(path)  # the CLI has read it already
                     yield (f"step {len(softs)}: the mask so far", *[gr.skip()] * 4, steps_strip(picture, softs, masks),
                            *[gr.skip()] * 3)
             if isinstance(done[0], BaseException):
