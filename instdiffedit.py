@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import outset
-from evaluation.figures import attention_figure, mask_outline, steps_strip
+from evaluation.figures import attention_figure, mask_outline, steps_strip, strip_masks
 # images.py and provenance.py are the homes of the names below, imported for this file's use only: the
 # README's Python API from this module is InstDiffEdit and EditResult, so nothing here is a re-export.
 from images import as_image, as_mask, expand_images, keep_unmasked, load_image, load_mask, map_to_pil, to_pil, to_tensor
-from methods import (EditError, EditOptions, Job, MaskOutput, StepState, add_arguments, check_finite, get_method,
-                     guidance_cause, options_from_args)
+from methods import (EditError, EditOptions, Job, MaskOutput, add_arguments, check_finite, get_method, guidance_cause,
+                     options_from_args, report_step)
 from methods.options import SHARED_BY_NAME, one_line
 from model.runtime import Placement, run_steps
 from provenance import code_commit, model_hashes, model_record, pixels_sha256, sha256_file, versions
@@ -363,7 +363,7 @@ class InstDiffEdit:
             pred = self.unet_cfg(self.inpaint_unet, sampler, x, i, sampler.timestep(i), emb, o.guidance, extra)
             x.copy_(sampler.step(pred, i, x))
             if callback is not None:  # eager steps only (run_steps is told so): i is an int here
-                callback(i, sampler.timesteps[i], StepState("inpaint", x.clone(), mask, mask.float()))
+                report_step(callback, "inpaint", i, sampler.timesteps[i], x, mask, mask.float())
 
         self.run_steps(step, sampler, _progress(range(len(sampler.timesteps)), progress, "inpainting"),
                        self.inpaint_unet, eager=callback is not None)
@@ -495,8 +495,9 @@ class InstDiffEdit:
         method: a name in methods.REGISTRY: "instdiffedit" (default), "diffedit", "sdedit", ...
         num_inference_steps, guidance_scale: diffusers' names for `steps` and `guidance`.
         generator: a CPU torch.Generator to draw all the noise from, instead of one seeded with `seed`.
-        callback_on_step_end: called as f(step, t, state) after every denoising step; `state` is a
-            methods.StepState (stage, latents, the current mask and soft mask, word maps and words).
+        callback_on_step_end: called as f(step, t, state) after every denoising step of every method
+            (not after inversion steps); `state` is a methods.StepState (stage, latents, the mask and soft
+            mask in use or None, word maps and words).
         progress: show progress bars.
         Every other keyword is a method option (None: the method's default); a method's own options
         (e.g. diffedit_samples) go in **method_options. The options:
@@ -799,8 +800,9 @@ def edit_one(pipe: InstDiffEdit, image: Path, out: Path, args, opts: EditOptions
     steps: list = []
 
     def keep(i, t, st):
-        if args.save_steps and st.stage == "mask":
-            steps.append((st.soft.float().cpu(), st.mask.cpu()))
+        drawn = strip_masks(st) if args.save_steps else None
+        if drawn is not None:
+            steps.append(drawn)
         if on_step is not None:
             on_step(i, t, st)
     with warnings.catch_warnings():
@@ -813,6 +815,9 @@ def edit_one(pipe: InstDiffEdit, image: Path, out: Path, args, opts: EditOptions
         pictures["attention.png"] = attention_figure(img, res.words, res.word_maps, res.P)
     if steps:
         pictures["steps.png"] = steps_strip(img, [soft for soft, _ in steps], [m for _, m in steps])
+    elif args.save_steps:  # e.g. SDEdit: its steps have no mask to draw
+        print(f"warning: --save-steps: method {args.method} has no mask at its denoising steps; no steps.png",
+              file=sys.stderr)
     record = {
         "image": str(image), "image_sha256": sha256_file(image), "edit": args.edit,
         "mask_file": args.mask, "mask_sha256": sha256_file(Path(args.mask)) if args.mask else None,

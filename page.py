@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path
 
 import instdiffedit
-from evaluation.figures import steps_strip
+from evaluation.figures import steps_strip, strip_masks
 from images import load_image
 from methods import REGISTRY, EditError, Option
 from methods.options import SHARED_BY_NAME
@@ -191,8 +191,9 @@ def build(page: Page):
             live: queue.Queue = queue.Queue()
 
             def on_step(step, t, state):
-                if state.stage == "mask":
-                    live.put((state.soft.float().cpu(), state.mask.cpu()))
+                drawn = strip_masks(state)
+                if drawn is not None:
+                    live.put(drawn)
 
             done: list = []
 
