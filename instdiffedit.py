@@ -4,7 +4,9 @@
 Stage 1 runs Stable Diffusion from the noised source image (strength r) with the edit text as the
 only prompt, n rounds at once. At every step the 16x16 cross-attention maps give an instant mask
 (Eq. 6-9, `mask/`) that guides the denoising (Eq. 4-5). Stage 2 hands the final mask to the SD
-inpainting UNet, which generates the edit from pure noise.
+inpainting UNet, which generates the edit from pure noise. This file holds the pipeline (the models and
+what every method shares) and the CLI; the methods are in methods/, image and mask input/output in
+images.py, and what run.json records about a run in provenance.py.
 
     python instdiffedit.py --image cat.jpg --edit "a dog"
 """
@@ -13,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import struct
 import sys
 import time
 import warnings
@@ -26,11 +26,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 import outset
-from evaluation.figures import attention_figure, mask_outline, steps_strip
-from methods import (EditError, EditOptions, Job, MaskOutput, StepState, add_arguments, check_finite, get_method,
-                     guidance_cause, options_from_args)
-from methods.options import SHARED_BY_NAME
+from evaluation.figures import attention_figure, mask_outline, steps_strip, strip_masks
+# images.py and provenance.py are the homes of the names below, imported for this file's use only: the
+# README's Python API from this module is InstDiffEdit and EditResult, so nothing here is a re-export.
+from images import as_image, as_mask, expand_images, keep_unmasked, load_image, load_mask, map_to_pil, to_pil, to_tensor
+from methods import (EditError, EditOptions, Job, MaskOutput, add_arguments, check_finite, get_method, guidance_cause,
+                     options_from_args, report_step)
+from methods.options import SHARED_BY_NAME, one_line
 from model.runtime import Placement, run_steps
+from provenance import code_commit, model_hashes, model_record, pixels_sha256, sha256_file, versions
 from sampler import SchedulerConfig, cfg, make_sampler
 from weights import (DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, Need, WeightsError, default_inpaint_model, load,
                      resolve_models)
@@ -38,7 +42,6 @@ from weights.sources import BUNDLED, assets_dir
 
 TOY_MODEL = str(assets_dir() / BUNDLED["toy"])  # the bundled toy model: --model toy
 TOY_INPAINT_MODEL = str(assets_dir() / BUNDLED["toy-inpaint"])
-MAX_PIXELS = 64_000_000  # larger inputs are refused as possible decompression bombs
 
 
 def check_device(device: str) -> torch.device:
@@ -90,159 +93,6 @@ class EditResult:
     timings: dict[str, float] = field(default_factory=dict)  # mask_s (the method), finish_s (inpainting)
     unet_evals: int = 0       # UNet image-evaluations of the edit (batch rows, counted at every call)
     unet_evals_by_model: dict[str, int] = field(default_factory=dict)  # {"unet": ..., "inpaint_unet": ...}
-
-
-# ---------------------------------------------------------------- images
-
-# What Pillow's decoders and plugins raise on malformed data, after open() as well as in it (EXIF parsing
-# in exif_transpose, lazy decoding in convert): SyntaxError "not a TIFF file" from a WebP's EXIF block,
-# struct.error from a short TIFF tag, ... Named, not `Exception`, so a bug of ours still shows itself.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, TypeError, EOFError, IndexError, KeyError,
-                 ZeroDivisionError, OverflowError, MemoryError, RecursionError, NotImplementedError,
-                 struct.error)
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Open any image PIL reads as 8-bit RGB, EXIF orientation applied, alpha composited on white.
-    Every decoding step runs inside one guard: only EditError leaves this function."""
-    path = Path(path)
-    try:
-        if not path.is_file():
-            raise EditError(f"{path}: no such file")
-        if path.stat().st_size == 0:
-            raise EditError(f"{path}: empty file")
-    except OSError as e:  # e.g. a symlink loop, a name too long
-        raise EditError(f"{path}: cannot be read ({_one_line(e)})") from None
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return _to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise EditError(f"{path}: image is over the {MAX_PIXELS:,}-pixel limit (possible decompression bomb)") from None
-    except DECODE_ERRORS as e:
-        raise EditError(f"{path}: not a readable image ({type(e).__name__}: {_one_line(e)[:150]})") from None
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """A decoded image of any mode -> RGB: EXIF orientation, 16-bit/float rescaled, alpha on white."""
-    import numpy as np
-    from PIL import ImageOps
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: rescale, don't clip
-        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray((a.clip(0, top) / top * 255).round().astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA"):
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img.convert("RGBA"))
-    return img.convert("RGB")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def to_tensor(img: Image.Image, size: int, device, dtype) -> torch.Tensor:
-    """RGB PIL -> (1, 3, size, size) in [-1, 1]; the authors resize every input to a square."""
-    import numpy as np
-    img = img.resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
-    return x[None].to(device=device, dtype=dtype)
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> RGB PIL."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu()
-    return Image.fromarray(x.numpy(), "RGB")
-
-
-def map_to_pil(m: torch.Tensor, size: tuple[int, int], binary: bool = False) -> Image.Image:
-    """(H, W) map in [0, 1] -> greyscale PIL of `size` (W, H)."""
-    x = m.float()[None, None]
-    x = (F.interpolate(x, size=(size[1], size[0]), mode="nearest") if binary
-         else F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False))
-    x = (x[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    return Image.fromarray(x.numpy(), "L")
-
-
-def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
-    """A user mask (white = edit) -> bool (H, W) at `size`; colour or empty images are refused."""
-    return as_mask(Path(path), size)
-
-
-# ---------------------------------------------------------------- inputs in the forms people have
-
-def as_image(image) -> Image.Image:
-    """One image in any accepted form -> RGB PIL.
-
-    str or Path: a file PIL reads. PIL.Image: any mode (alpha composited on white). numpy: uint8,
-    H x W x 3 (RGB), H x W x 4 (RGBA) or H x W (grey). torch.Tensor: 3 x H x W (or 1 x 3 x H x W) float,
-    read as [0, 1] when no value is negative and as [-1, 1] otherwise (diffusers' rule; a [-1, 1] image
-    without a single negative value would be misread, so pass such images as uint8), or uint8 3 x H x W."""
-    import numpy as np
-    if isinstance(image, (str, Path)):
-        return load_image(image)
-    if isinstance(image, Image.Image):
-        return _to_rgb(image)
-    if isinstance(image, torch.Tensor):
-        x = image.detach().cpu()
-        if x.dim() == 4 and x.shape[0] == 1:
-            x = x[0]
-        if x.dim() != 3 or x.shape[0] not in (1, 3):
-            raise EditError(f"image tensor of shape {tuple(image.shape)}: expected 3 x H x W (channels first)")
-        if x.dtype == torch.uint8:
-            a = x.permute(1, 2, 0).numpy()
-        elif x.is_floating_point():
-            x = x.float()
-            if not torch.isfinite(x).all() or x.min() < -1 or x.max() > 1:
-                raise EditError("image tensor has values outside [-1, 1] (expected [0, 1] or [-1, 1] floats)")
-            x = (x + 1) / 2 if x.min() < 0 else x
-            a = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        else:
-            raise EditError(f"image tensor of dtype {x.dtype}: expected float in [0, 1] / [-1, 1] or uint8")
-        return Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise EditError(f"image array of dtype {image.dtype}: expected uint8 H x W x 3 "
-                            "(for floats, pass a torch tensor C x H x W in [0, 1] or [-1, 1])")
-        if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4)):
-            return _to_rgb(Image.fromarray(np.ascontiguousarray(image)))
-        raise EditError(f"image array of shape {image.shape}: expected H x W x 3, H x W x 4 or H x W")
-    raise EditError(f"image of type {type(image).__name__}: expected a path, PIL image, numpy array or tensor")
-
-
-def as_mask(mask, size: tuple[int, int]) -> torch.Tensor:
-    """A mask in any accepted form (white / True / > 0.5 = edit) -> bool (H, W) tensor at `size` (W, H).
-
-    The forms of `as_image`, plus what edit() returns (an "L" PIL image) and bool or [0, 1] float
-    arrays and tensors of shape H x W (or 1 x H x W). Colour images and empty masks are refused."""
-    import numpy as np
-    name = str(mask) if isinstance(mask, (str, Path)) else f"mask {type(mask).__name__}"
-    if isinstance(mask, (str, Path, Image.Image)) or (isinstance(mask, np.ndarray) and mask.dtype == np.uint8
-                                                       and mask.ndim == 3):
-        a = np.asarray(as_image(mask), dtype=np.int16)
-        if np.abs(a - a.mean(axis=2, keepdims=True)).max() > 8:
-            raise EditError(f"{name}: not a mask (it has colour; expected black and white, white = region to edit)")
-        m = a[..., 0] > 127
-    else:
-        t = torch.as_tensor(np.asarray(mask)) if isinstance(mask, np.ndarray) else mask
-        if not isinstance(t, torch.Tensor):
-            raise EditError(f"{name}: expected a path, PIL image, numpy array or tensor")
-        t = t.detach().cpu()
-        t = t[0] if t.dim() == 3 and t.shape[0] == 1 else t
-        if t.dim() != 2:
-            raise EditError(f"{name} of shape {tuple(t.shape)}: expected H x W")
-        m = (t > 127 if t.dtype == torch.uint8 else t.float() > 0.5 if t.is_floating_point() else t != 0).numpy()
-    if not m.any():
-        raise EditError(f"{name}: the mask is empty (no white pixels)")
-    if m.shape[::-1] != tuple(size):
-        m = np.asarray(Image.fromarray(m).resize(tuple(size), Image.NEAREST))
-    return torch.from_numpy(m.copy())
 
 
 # ---------------------------------------------------------------- devices
@@ -513,7 +363,7 @@ class InstDiffEdit:
             pred = self.unet_cfg(self.inpaint_unet, sampler, x, i, sampler.timestep(i), emb, o.guidance, extra)
             x.copy_(sampler.step(pred, i, x))
             if callback is not None:  # eager steps only (run_steps is told so): i is an int here
-                callback(i, sampler.timesteps[i], StepState("inpaint", x.clone(), mask, mask.float()))
+                report_step(callback, "inpaint", i, sampler.timesteps[i], x, mask, mask.float())
 
         self.run_steps(step, sampler, _progress(range(len(sampler.timesteps)), progress, "inpainting"),
                        self.inpaint_unet, eager=callback is not None)
@@ -636,7 +486,7 @@ class InstDiffEdit:
         """Edit `image` toward the text `edit` (the only prompt) with `method`; returns an EditResult.
 
         image: a path, PIL image, numpy uint8 H x W x 3 array, or tensor 3 x H x W (float in [0, 1] or
-            [-1, 1]: see `as_image`), or a list of them (or a B x 3 x H x W tensor) for a batch, which
+            [-1, 1]: see `images.as_image`), or a list of them (or a B x 3 x H x W tensor) for a batch, which
             returns a list of results. Each image is resized to the model's square size (512 for SD v1.x)
             and the outputs come back at its own size.
         edit: the edit text, or one per image of a batch.
@@ -645,8 +495,9 @@ class InstDiffEdit:
         method: a name in methods.REGISTRY: "instdiffedit" (default), "diffedit", "sdedit", ...
         num_inference_steps, guidance_scale: diffusers' names for `steps` and `guidance`.
         generator: a CPU torch.Generator to draw all the noise from, instead of one seeded with `seed`.
-        callback_on_step_end: called as f(step, t, state) after every denoising step; `state` is a
-            methods.StepState (stage, latents, the current mask and soft mask, word maps and words).
+        callback_on_step_end: called as f(step, t, state) after every denoising step of every method
+            (not after inversion steps); `state` is a methods.StepState (stage, latents, the mask and soft
+            mask in use or None, word maps and words).
         progress: show progress bars.
         Every other keyword is a method option (None: the method's default); a method's own options
         (e.g. diffedit_samples) go in **method_options. The options:
@@ -680,18 +531,6 @@ def _options_doc() -> str:
 
 InstDiffEdit.edit.__doc__ += _options_doc()
 InstDiffEdit.mask.__doc__ += _options_doc()
-
-
-def keep_unmasked(original: Image.Image, edited: Image.Image, mask: torch.Tensor) -> Image.Image:
-    """The original pixels outside the mask, the edit inside, blended across a feathered edge: the mask
-    (latent size) upsampled smoothly, cut at 0.5, then blurred by 4 px per 512 px of image (A1111's
-    default mask blur), so no seam shows where the two meet."""
-    from PIL import ImageFilter
-
-    from evaluation.figures import smooth
-    inside = Image.fromarray(((smooth(mask.float(), original.size) > 0.5) * 255).astype("uint8"), "L")
-    feather = inside.filter(ImageFilter.GaussianBlur(max(1.0, 4 * min(original.size) / 512)))
-    return Image.composite(edited, original.convert("RGB"), feather)
 
 
 def _free_memory(device: torch.device) -> int | None:
@@ -838,14 +677,14 @@ def main(argv: list[str] | None = None, session: Session | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. writing the results failed (permissions, disk full): one line, no traceback
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError, and so is the
         # CPU allocator's "can't allocate memory"; any other RuntimeError is not anticipated
         if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
                 and "allocate" not in str(e) and "out of memory" not in str(e):
             return _internal(e)
-        print(f"error: out of memory ({_one_line(e)[:120]}); try fewer --rounds, --dtype fp16 on CUDA, "
+        print(f"error: out of memory ({one_line(e)[:120]}); try fewer --rounds, --dtype fp16 on CUDA, "
               "or a smaller model", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -863,37 +702,9 @@ def _internal(e: BaseException) -> int:
     tell how to get the traceback, which INSTDIFFEDIT_TRACEBACK=1 prints (tests and CI set it)."""
     if os.environ.get(TRACEBACK_ENV):
         raise e
-    print(f"error: internal error, please report it: {type(e).__name__}: {_one_line(e)[:200]} "
+    print(f"error: internal error, please report it: {type(e).__name__}: {one_line(e)[:200]} "
           f"(rerun with {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
     return 3
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-
-
-def expand_images(specs: list[str]) -> tuple[list[Path], bool]:
-    """--image values -> image files, and whether this is a batch (a folder, a glob or several values).
-    A folder gives its image files (by suffix, sorted); a pattern that is not a file is a glob."""
-    import glob
-    files: list[Path] = []
-    for spec in specs:
-        p = Path(spec)
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            if not found:
-                raise EditError(f"{spec}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            files += found
-        elif not p.exists() and glob.has_magic(spec):
-            found = sorted(Path(f) for f in glob.glob(spec) if Path(f).is_file())
-            if not found:
-                raise EditError(f"{spec}: matches no file")
-            files += found
-        else:
-            files.append(p)  # a missing file is reported with the other per-image errors
-    unique = list(dict.fromkeys(files))
-    one = specs[0]
-    batch = len(specs) > 1 or Path(one).is_dir() or (not Path(one).exists() and glob.has_magic(one))
-    return unique, batch
 
 
 def output_folders(images: list[Path], out: Path) -> list[Path]:
@@ -904,32 +715,6 @@ def output_folders(images: list[Path], out: Path) -> list[Path]:
         n = seen[im.stem] = seen.get(im.stem, 0) + 1
         outs.append(out / (im.stem if n == 1 else f"{im.stem}-{n}"))
     return outs
-
-
-def sha256_file(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def pixels_sha256(img: Image.Image) -> str:
-    """Hash of an image's mode, size and pixels: equal outputs hash equal whatever PNG encoder wrote them."""
-    import hashlib
-    return hashlib.sha256(f"{img.mode}{img.size}".encode() + img.tobytes()).hexdigest()
-
-
-def model_hashes(pipe: "InstDiffEdit") -> dict[str, dict[str, str]]:
-    """sha256 of the weight files of each local or bundled model (hub models are pinned by their revision)."""
-    out = {}
-    for role, r in pipe.sources.items():
-        if r.revision is None:
-            files = [r.path] if r.path.is_file() else sorted(f for f in r.path.rglob("*")
-                                                             if f.suffix in (".safetensors", ".ckpt", ".bin"))
-            out[role] = {str(f.relative_to(r.path) if f != r.path else f.name): sha256_file(f) for f in files}
-    return out
 
 
 def run(args, argv: list[str], session: Session | None = None) -> int:
@@ -1015,8 +800,9 @@ def edit_one(pipe: InstDiffEdit, image: Path, out: Path, args, opts: EditOptions
     steps: list = []
 
     def keep(i, t, st):
-        if args.save_steps and st.stage == "mask":
-            steps.append((st.soft.float().cpu(), st.mask.cpu()))
+        drawn = strip_masks(st) if args.save_steps else None
+        if drawn is not None:
+            steps.append(drawn)
         if on_step is not None:
             on_step(i, t, st)
     with warnings.catch_warnings():
@@ -1029,6 +815,9 @@ def edit_one(pipe: InstDiffEdit, image: Path, out: Path, args, opts: EditOptions
         pictures["attention.png"] = attention_figure(img, res.words, res.word_maps, res.P)
     if steps:
         pictures["steps.png"] = steps_strip(img, [soft for soft, _ in steps], [m for _, m in steps])
+    elif args.save_steps:  # e.g. SDEdit: its steps have no mask to draw
+        print(f"warning: --save-steps: method {args.method} has no mask at its denoising steps; no steps.png",
+              file=sys.stderr)
     record = {
         "image": str(image), "image_sha256": sha256_file(image), "edit": args.edit,
         "mask_file": args.mask, "mask_sha256": sha256_file(Path(args.mask)) if args.mask else None,
@@ -1109,43 +898,6 @@ def _replace_flag(argv: list[str], flag: str, values: list[str]) -> list[str]:
             out.append(argv[i])
             i += 1
     return out + [flag, *values]
-
-
-def versions(device: torch.device | None = None) -> dict[str, str | None]:
-    """Library versions, and the CUDA build and GPU name when running on one (for run.json, config.json)."""
-    import huggingface_hub
-    import numpy
-    import PIL
-    import safetensors
-    import transformers
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "numpy": numpy.__version__, "transformers": transformers.__version__,
-           "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__,
-           "pillow": PIL.__version__}
-    if device is not None and device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
-
-
-def code_commit() -> str | None:
-    """The git commit of the code that runs (with "+dirty" for uncommitted changes); None outside a checkout."""
-    import subprocess
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode != 0 or Path(head.stdout.split()[0]).resolve() != here:
-            return None  # not a checkout of this code (e.g. installed into a venv inside some repository)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.split()[1] + ("+dirty" if dirty else "")
-
-
-def model_record(pipe: "InstDiffEdit") -> dict[str, dict]:
-    """Each model's source as given, its hub revision (snapshot commit) and local path."""
-    return {role: {"source": r.source, "revision": r.revision, "path": str(r.path)} for role, r in pipe.sources.items()}
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import zipfile
 from pathlib import Path
 
 import instdiffedit
-from evaluation.figures import steps_strip
+from evaluation.figures import steps_strip, strip_masks
+from images import load_image
 from methods import REGISTRY, EditError, Option
 from methods.options import SHARED_BY_NAME
 from weights.sources import assets_dir
@@ -190,8 +191,9 @@ def build(page: Page):
             live: queue.Queue = queue.Queue()
 
             def on_step(step, t, state):
-                if state.stage == "mask":
-                    live.put((state.soft.float().cpu(), state.mask.cpu()))
+                drawn = strip_masks(state)
+                if drawn is not None:
+                    live.put(drawn)
 
             done: list = []
 
@@ -212,7 +214,7 @@ def build(page: Page):
                     masks.append(mask)
                 if len(softs) > shown and worker.is_alive():
                     shown = len(softs)
-                    picture = picture or instdiffedit.load_image(path)  # the CLI has read it already
+                    picture = picture or load_image(path)  # the CLI has read it already
                     yield (f"step {len(softs)}: the mask so far", *[gr.skip()] * 4, steps_strip(picture, softs, masks),
                            *[gr.skip()] * 3)
             if isinstance(done[0], BaseException):

@@ -387,7 +387,7 @@ def mask_share(pipe, img, steps: int, device, iters: int) -> dict:
     close, Eq. 6-9, the LMS step, Eq. 5), timed apart on the state of a real stage 1."""
     from mask.instant import instant_mask
     from mask.store import AttentionStore
-    from instdiffedit import to_tensor
+    from images import to_tensor
     o = pipe.options(steps=steps)
     with torch.no_grad():
         x0 = to_tensor(img, pipe.size, device, pipe.dtype)

@@ -110,6 +110,15 @@ def mask_outline(img: Image.Image, mask: torch.Tensor, tint: float = 0.25) -> Im
     return Image.fromarray(a.round().astype(np.uint8), "RGB")
 
 
+def strip_masks(state) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What `steps_strip` draws of one step callback's methods.StepState (--save-steps, the page's live
+    view): its (soft mask, mask) on the CPU, or None for a step that has no mask and for the inpainting
+    finish, whose fixed mask would repeat the last one at every step."""
+    if state.soft is None or state.stage == "inpaint":
+        return None
+    return state.soft.float().cpu(), state.mask.cpu()
+
+
 def steps_strip(img: Image.Image, soft_masks: list[torch.Tensor], masks: list[torch.Tensor] | None = None,
                 cell: int = 128, per_row: int = 10) -> Image.Image:
     """The soft mask after every denoising step over the image, left to right (rows of `per_row`), with

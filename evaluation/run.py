@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from instdiffedit import DTYPES, EditError, InstDiffEdit, code_commit, model_record, versions
+    from instdiffedit import DTYPES, EditError, InstDiffEdit
+    from provenance import code_commit, model_record, versions
     from methods import EditOptions, get_method, options_from_args
     from weights import WeightsError
 

@@ -7,7 +7,7 @@ import importlib
 import pkgutil
 
 from .base import (REGISTRY, Edited, Job, MaskOutput, Method, StepState, check_finite, get_method, guidance_cause,
-                   register)
+                   register, report_step)
 from .options import SHARED, EditError, EditOptions, Option, add_arguments, options_from_args
 
 _FIRST = ("instdiffedit",)  # listed first (help, tables); the rest alphabetically
@@ -16,4 +16,5 @@ for _name in sorted((m.name for m in pkgutil.iter_modules(__path__) if m.name no
     importlib.import_module(f"{__name__}.{_name}")
 
 __all__ = ["REGISTRY", "SHARED", "EditError", "EditOptions", "Edited", "Job", "MaskOutput", "Method", "Option",
-           "StepState", "add_arguments", "check_finite", "get_method", "guidance_cause", "options_from_args", "register"]
+           "StepState", "add_arguments", "check_finite", "get_method", "guidance_cause", "options_from_args", "register",
+           "report_step"]

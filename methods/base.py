@@ -13,7 +13,10 @@ calls `method.edit(pipe, job)` (or `method.mask(pipe, job)` for pipe.mask()) wit
     job    one edit: the source x0, the edit text and its embedding, the validated options o, the seeded
            CPU generator gen (draw all noise from it), a user mask if one was given
 
-A mask method implements `mask()` only; `edit()` then finishes with the inpainting model.
+A mask method implements `mask()` only; `edit()` then finishes with the inpainting model. Each denoising
+loop of a method calls `report_step(job.callback, stage, step, t, latents, ...)` after every step (the
+per-step callback, `StepState`; the finish reports its own); a loop run by pipe.run_steps passes
+eager=job.callback is not None, since a CUDA-graph replay would not call it.
 """
 from __future__ import annotations
 
@@ -48,18 +51,38 @@ class Job:
     mask: torch.Tensor | None = None  # user mask, bool at latent size: skips the method's own mask
     progress: bool = False    # show progress bars
     timings: dict[str, float] = field(default_factory=dict)  # pipe.finish records finish_s here
-    callback: object = None   # f(step, t, StepState) after every denoising step (callback_on_step_end)
+    callback: object = None   # f(step, t, StepState) after every denoising step (callback_on_step_end):
+                              # every denoising loop calls report_step(job.callback, ...) after each step
 
 
 @dataclass
 class StepState:
-    """What callback_on_step_end sees after a denoising step (tensors on the pipeline's device; read only)."""
-    stage: str                # "mask" (InstDiffEdit's stage 1, after Eq. 5) or "inpaint" (the finish)
-    latents: torch.Tensor     # (batch, C, h, w) latents after the step
-    mask: torch.Tensor        # (h, w) bool: the current mask (the finish: its fixed mask)
-    soft: torch.Tensor        # (h, w) float: the current soft mask
+    """What callback_on_step_end sees after a denoising step (tensors on the pipeline's device; read only).
+
+    Every method reports every step of each of its denoising loops (a step that moves the latents toward
+    the image), counted from 0 within its stage, through `report_step`. Inversion loops (the DDIM
+    inversions of PtP, PnP and diffedit-original, LEDITS++'s edit-friendly inversion) are not reported:
+    they climb from the image to noise, so within a stage the timesteps t only go down. CycleDiffusion
+    encodes and decodes in one loop; its steps report the decoded (edit) latents."""
+    stage: str                # the loop: "mask" (InstDiffEdit's stage 1, after Eq. 5), "inpaint" (the shared
+                              # finish), else the method's name ("sdedit", "ptp", ...; DiffEdit's two prompts:
+                              # "diffedit:source", "diffedit:edit")
+    latents: torch.Tensor     # (batch, C, h, w) latents after the step (InstDiffEdit: its rounds; DiffEdit: its
+                              # samples; PtP: [source, edit])
+    mask: torch.Tensor | None = None  # (h, w) bool: the mask in use at this step (the finish and diffedit-original's
+                              # decoding: their fixed mask; LEDITS++: the step's implicit masks, united); None: no mask
+    soft: torch.Tensor | None = None  # (h, w) float in [0, 1]: the current soft mask; None exactly when mask is
     word_maps: torch.Tensor | None = None  # (words, h, w) maps so far (stage "mask")
     words: list[str] = field(default_factory=list)
+
+
+def report_step(callback, stage: str, step: int, t, latents: torch.Tensor, mask: torch.Tensor | None = None,
+                soft: torch.Tensor | None = None, word_maps: torch.Tensor | None = None,
+                words: list[str] | None = None) -> None:
+    """After a denoising step: callback(step, t, StepState), when the edit has a callback (job.callback).
+    The latents are copied, so that a loop may go on updating its own in place."""
+    if callback is not None:
+        callback(step, t, StepState(stage, latents.clone(), mask, soft, word_maps, words or []))
 
 
 @dataclass

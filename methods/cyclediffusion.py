@@ -42,7 +42,7 @@ import torch
 
 from sampler import cfg
 
-from .base import Edited, Job, Method, register
+from .base import Edited, Job, Method, register, report_step
 from .options import EditOptions, Option
 
 ETA = Option("cycle_eta", float, 0.1, "CycleDiffusion: DDIM eta of its encoder and decoder (official and diffusers: "
@@ -68,12 +68,12 @@ def _guide(out: torch.Tensor, scale: float) -> torch.Tensor:
 
 @torch.no_grad()
 def cycle_latents(pipe, x0: torch.Tensor, edit_emb: torch.Tensor, source_emb: torch.Tensor, o: EditOptions,
-                  gen: torch.Generator, progress: bool = False) -> torch.Tensor:
+                  gen: torch.Generator, progress: bool = False, callback=None) -> torch.Tensor:
     """The edited latents (B, 4, h, w) of images x0 (B, 3, H, W) in [-1, 1].
 
     `edit_emb`, `source_emb`: `pipe.encode_text` embeddings, (2, 77, D) [uncond, cond]. Noise is drawn
     from `gen` (CPU) in diffusers' order: the VAE posterior sample, the start noise, then one posterior
-    noise per step but the last."""
+    noise per step but the last. `callback`: callback_on_step_end, after each step with the edit path's latents."""
     s = pipe.sampler(o)  # DDIM (CycleDiffusion.check)
     start = s.start_index(o.strength)
     # the latents stay float32: z is recovered by dividing by s_t (~1e-3), so keep the source path exact
@@ -93,6 +93,7 @@ def cycle_latents(pipe, x0: torch.Tensor, edit_emb: torch.Tensor, source_emb: to
         z = s.noise_of_step(eps_source, i, x, x_prev, o.cycle_eta)     # ... and the step's latent code z_t
         y = s.step(eps_edit, i, y, eta=o.cycle_eta, variance_noise=z)  # decode the same code under the edit text
         x = x_prev
+        report_step(callback, "cyclediffusion", i - start, t, y)
     return y
 
 
@@ -112,5 +113,6 @@ class CycleDiffusion(Method):
     @torch.no_grad()
     def edit(self, pipe, job: Job) -> Edited:
         o = job.o
-        lat = cycle_latents(pipe, job.x0, job.emb, pipe.encode_text(o.source), o, job.gen, job.progress)
+        lat = cycle_latents(pipe, job.x0, job.emb, pipe.encode_text(o.source), o, job.gen, job.progress,
+                            job.callback)
         return Edited(pipe.decode(lat.to(pipe.dtype))[0], None)

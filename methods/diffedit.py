@@ -32,7 +32,7 @@ import torch
 from mask.diffedit import diffedit_mask, diffedit_paper_mask
 from sampler.inversion import ddim_invert
 
-from .base import Edited, Job, MaskOutput, Method, check_finite, guidance_cause, register
+from .base import Edited, Job, MaskOutput, Method, check_finite, guidance_cause, register, report_step
 from .options import EditError, EditOptions, Option
 
 SAMPLES = Option("diffedit_samples", int, 10, "DiffEdit: noise samples averaged (the InstDiffEdit authors: 10)", 1, 1024)
@@ -61,12 +61,13 @@ class DiffEditPaper(Method):
         # every sample's noise is drawn once and used for both prompts (the authors re-seed per sample)
         sampler, start, _, _, x_start = pipe.noised(job.x0, o, job.gen, o.diffedit_samples)
         last = []
-        for k, emb in enumerate((emb_source, job.emb)):
+        for k, (stage, emb) in enumerate((("diffedit:source", emb_source), ("diffedit:edit", job.emb))):
             sampler = pipe.sampler(o)  # fresh: LMS keeps a history of derivatives
             x, pred = x_start, None
             for i in pipe.progress(range(start, len(sampler.timesteps)), job.progress, f"diffedit prompt {k + 1}/2"):
                 pred = pipe.unet_cfg(pipe.unet, sampler, x, i, sampler.timesteps[i], emb, o.guidance)
                 x = sampler.step(pred, i, x)
+                report_step(job.callback, stage, i - start, sampler.timesteps[i], x)
             last.append(pred)  # the guided noise prediction of the last step
         check_finite(last[1] - last[0], "DiffEdit's noise difference", guidance_cause(o.guidance))
         res = diffedit_paper_mask(last[0], last[1], o.threshold)
@@ -161,5 +162,6 @@ class DiffEditOriginal(Method):
         for i in pipe.progress(range(inv.start, len(sampler.timesteps)), job.progress, "diffedit-original"):
             x = sampler.step(pipe.unet_cfg(pipe.unet, sampler, x, i, sampler.timesteps[i], job.emb, o.guidance), i, x)
             x = keep * x + (1 - keep) * inv.at(i)  # outside the mask: the inverted source (diffusers' level)
+            report_step(job.callback, self.name, i - inv.start, sampler.timesteps[i], x, m.mask, m.soft)
         check_finite(x, "DiffEdit's masked DDIM decoding", guidance_cause(o.guidance))
         return Edited(pipe.decode(x)[0], m)

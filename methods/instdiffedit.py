@@ -14,7 +14,7 @@ import torch
 from mask.instant import instant_mask
 from mask.store import AttentionStore
 
-from .base import Edited, Job, MaskOutput, Method, StepState, check_finite, guidance_cause, register
+from .base import Edited, Job, MaskOutput, Method, check_finite, guidance_cause, register, report_step
 from .options import EditError, EditOptions, Option
 
 
@@ -52,8 +52,7 @@ def stage1(pipe, x0: torch.Tensor, edit: str, o: EditOptions, gen: torch.Generat
         y = sampler.add_noise_at(z0, eps, i)
         x.copy_(y + res.mask.to(x.dtype) * (x_next - y))
         if callback is not None:  # eager steps only (run_steps is told so): i is an int here
-            callback(i - start, sampler.timesteps[i],
-                     StepState("mask", x.clone(), res.mask, res.soft, res.word_maps, names))
+            report_step(callback, "mask", i - start, sampler.timesteps[i], x, res.mask, res.soft, res.word_maps, names)
         return res
 
     res = pipe.run_steps(step, sampler, pipe.progress(range(start, len(sampler.timesteps)), progress,

@@ -30,7 +30,7 @@ import torch
 from mask.ledits import ConceptAttention, attention_mask, noise_mask
 from sampler import make_sampler
 
-from .base import Edited, Job, MaskOutput, Method, register
+from .base import Edited, Job, MaskOutput, Method, register, report_step
 from .options import EditError, EditOptions, Option
 
 M2_FROM_T = 800  # diffusers intersects with the noise mask M2 only at timesteps t <= 800
@@ -106,8 +106,9 @@ def invert(pipe, z0: torch.Tensor, o: EditOptions, gen: torch.Generator, uncond:
 
 @torch.no_grad()
 def guided_denoise(pipe, inv: Inversion, uncond: torch.Tensor, concepts: list[Concept], o: EditOptions,
-                   user_mask: torch.Tensor | None = None, progress: bool = False):
-    """Replay the inversion with semantic guidance; returns the latents and the per-step masks."""
+                   user_mask: torch.Tensor | None = None, progress: bool = False, callback=None):
+    """Replay the inversion with semantic guidance; returns the latents and the per-step masks.
+    `callback`: callback_on_step_end, after each step with the union of that step's concept masks."""
     sampler = make_ledits_sampler(pipe, o)
     x = inv.x_T
     h, w = x.shape[-2:]
@@ -124,6 +125,7 @@ def guided_denoise(pipe, inv: Inversion, uncond: torch.Tensor, concepts: list[Co
         inp = sampler.scale_model_input(x, i).expand(1 + n, -1, -1, -1)
         preds = pipe.call_unet(pipe.unet, inp, t, emb, recorder=store)
         uncond_pred, guidance = preds[:1], torch.zeros_like(preds[:1])
+        union = torch.zeros((h, w), device=x.device)  # this step's guided pixels, any concept (the callback's mask)
         try:
             maps = store.take() if store is not None else None
         except RuntimeError as e:  # a UNet without cross-attention at latent / 4
@@ -141,8 +143,10 @@ def guided_denoise(pipe, inv: Inversion, uncond: torch.Tensor, concepts: list[Co
                 if o.ledits_mask == "intersect" and t <= M2_FROM_T:
                     m = m * noise_mask(direction[0], o.threshold)  # M1 x M2
             activation[k, c] = m.float().cpu()
+            union = torch.maximum(union, m.float())
             guidance = guidance + direction * m
         x = sampler.step(uncond_pred + guidance, i, x, variance_noise=inv.zs[k])
+        report_step(callback, "ledits", k, t, x, union > 0, union)
     return x, activation
 
 
@@ -167,7 +171,7 @@ class Ledits(Method):
                     for j, (e, txt) in enumerate(zip(embs, texts))]
         inv = invert(pipe, pipe.encode_image(job.x0), o, job.gen, uncond, job.progress)
         mask = None if job.mask is None else job.mask.to(pipe.device)
-        x, activation = guided_denoise(pipe, inv, uncond, concepts, o, mask, job.progress)
+        x, activation = guided_denoise(pipe, inv, uncond, concepts, o, mask, job.progress, job.callback)
         soft = activation.amax(1).mean(0).to(pipe.device)  # union of the concepts, share of the steps
         return LeditsResult(pipe.decode(x), soft > 0, soft, activation, inv)
 

@@ -39,7 +39,7 @@ from sampler import DDIMSampler, make_sampler
 from sampler.guidance import cfg
 from sampler.inversion import ddim_invert
 
-from .base import Edited, Job, Method, register
+from .base import Edited, Job, Method, register, report_step
 from .options import EditError, EditOptions, Option
 
 # SD's layers, as (up-block index from the bottom, index inside the block); see the docstring.
@@ -164,4 +164,5 @@ def run_pnp(pipe, job: Job, control: PnPControl | None = None,
         inp = torch.cat([source[i], x, x])
         _, u, c = pipe.call_unet(pipe.unet, inp, sampler.timesteps[i], ctx, recorder=control).chunk(3)
         x = sampler.step(cfg(u, c, o.guidance), i, x)
+        report_step(job.callback, "pnp", i, sampler.timesteps[i], x)
     return x, control

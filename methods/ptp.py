@@ -35,7 +35,7 @@ from sampler import DDIMSampler
 from sampler.guidance import cfg
 from sampler.inversion import ddim_invert
 
-from .base import Edited, Job, Method, register
+from .base import Edited, Job, Method, register, report_step
 from .options import EditError, EditOptions, Option
 
 ALIGN_MODES = ("pad", "refine", "replace")
@@ -271,4 +271,5 @@ def run_ptp(pipe, job: Job, control: PtPControl | None = None) -> tuple[torch.Te
         uncond, cond = counted(torch.cat([x, x]), sampler.timesteps[i], ctx, control).chunk(2)
         x = sampler.step(cfg(uncond, cond, o.guidance), i, x)
         x = control.blend(x)
+        report_step(job.callback, "ptp", i, sampler.timesteps[i], x)
     return x, control

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Edited, Job, Method, check_finite, guidance_cause, register
+from .base import Edited, Job, Method, check_finite, guidance_cause, register, report_step
 
 
 @register
@@ -23,4 +23,5 @@ class SDEdit(Method):
         sampler, start, _, _, x = pipe.noised(job.x0, o, job.gen, 1)
         for i in pipe.progress(range(start, len(sampler.timesteps)), job.progress, "sdedit"):
             x = sampler.step(pipe.unet_cfg(pipe.unet, sampler, x, i, sampler.timesteps[i], job.emb, o.guidance), i, x)
+            report_step(job.callback, "sdedit", i - start, sampler.timesteps[i], x)
         return Edited(pipe.decode(check_finite(x, "SDEdit denoising", guidance_cause(o.guidance)))[0], None)

@@ -92,8 +92,9 @@ def _attempt(call, ours: type[Exception], counts: Counter, foreign: Counter, lab
 
 
 def fuzz_images(n: int, seed: int = 0, folder: Path | None = None) -> dict:
-    """n mutated images through instdiffedit.load_image: counts of loaded, refused and foreign outcomes."""
-    from instdiffedit import EditError, load_image
+    """n mutated images through images.load_image: counts of loaded, refused and foreign outcomes."""
+    from images import load_image
+    from methods import EditError
     rng = random.Random(seed)
     bases = {f: [base_image(f, s) for s in range(4)] for f in FORMATS}
     counts, foreign = Counter(), Counter()

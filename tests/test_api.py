@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from instdiffedit import EditResult, InstDiffEdit, as_image
+from images import as_image
+from instdiffedit import EditResult, InstDiffEdit
 from methods import EditError, StepState
 from methods.options import SHARED_BY_NAME
 

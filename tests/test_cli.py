@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import images
 import instdiffedit
 import outset
 from instdiffedit import OUTPUTS, main
@@ -215,9 +216,9 @@ def test_bad_images(cli, tmp_path):
 
 def test_pixel_limit(cli, image, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # load_image sets it: restore after
-    monkeypatch.setattr(instdiffedit, "MAX_PIXELS", 300)  # 24 x 20 = 480 pixels: over the limit
+    monkeypatch.setattr(images, "MAX_PIXELS", 300)  # 24 x 20 = 480 pixels: over the limit
     assert_error(*cli("--image", image, "--edit", "a cat", "--out", tmp_path / "o")[::2], "pixel limit")
-    monkeypatch.setattr(instdiffedit, "MAX_PIXELS", 400)  # between the limit and twice it: PIL only warns
+    monkeypatch.setattr(images, "MAX_PIXELS", 400)  # between the limit and twice it: PIL only warns
     assert_error(*cli("--image", image, "--edit", "a cat", "--out", tmp_path / "o")[::2], "pixel limit")
     assert not (tmp_path / "o").exists()
 
@@ -515,16 +516,16 @@ def test_input_modes_and_sizes(cli, tmp_path, mode):
 def test_load_image_modes(tmp_path):
     """What the loader makes of them: RGB, alpha on white, 16-bit rescaled (not clipped), EXIF applied."""
     p, _ = _save_mode(tmp_path, "I;16")
-    a = np.asarray(instdiffedit.load_image(p))
+    a = np.asarray(images.load_image(p))
     assert a.shape == (20, 24, 3) and a[:, 0].max() <= 1 and a[:, -1].min() >= 254 and 120 < a[0, 12, 0] < 140
     im = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     im.save(tmp_path / "clear.png")
-    assert np.asarray(instdiffedit.load_image(tmp_path / "clear.png")).min() == 255  # transparent -> white
+    assert np.asarray(images.load_image(tmp_path / "clear.png")).min() == 255  # transparent -> white
     p, size = _save_mode(tmp_path, "EXIF6")
-    assert instdiffedit.load_image(p).size == size == (20, 30)
+    assert images.load_image(p).size == size == (20, 30)
     for mode in ("LA", "P", "L"):
         p, size = _save_mode(tmp_path, mode)
-        img = instdiffedit.load_image(p)
+        img = images.load_image(p)
         assert img.mode == "RGB" and img.size == size
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import instdiffedit
+import images
 from tests.fuzz import fuzz_checkpoints, fuzz_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,7 +19,7 @@ def test_mutated_images_raise_only_edit_error(tmp_path):
 def test_the_image_fuzzer_reaches_the_steps_after_open(tmp_path, monkeypatch):
     """The guard matters: with only OSError caught (the decoders' usual class), the same 300 cases let
     foreign exceptions out, so the fuzzer reaches the steps where they are raised."""
-    monkeypatch.setattr(instdiffedit, "DECODE_ERRORS", (OSError,))
+    monkeypatch.setattr(images, "DECODE_ERRORS", (OSError,))
     r = fuzz_images(300, seed=0, folder=tmp_path)
     assert r.get("foreign", 0) > 0, r
 

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from instdiffedit import InstDiffEdit, to_tensor
+from images import to_tensor
+from instdiffedit import InstDiffEdit
 from mask.instant import instant_mask
 from mask.store import AttentionStore
 from methods.instdiffedit import stage1

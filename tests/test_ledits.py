@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import instdiffedit
+from images import to_pil, to_tensor
 from mask.ledits import ConceptAttention, attention_mask, noise_mask
 from methods import EditOptions
 from methods.ledits import Concept, guided_denoise, invert
@@ -44,7 +45,7 @@ def tiny(tiny_sd, tmp_path_factory):
 def _image():
     g = torch.Generator().manual_seed(7)
     x = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(SIZE, SIZE), mode="bilinear")
-    return instdiffedit.to_pil(x[0] * 2 - 1)
+    return to_pil(x[0] * 2 - 1)
 
 
 class _DDIMIntTimesteps(diffusers.DDIMScheduler):
@@ -85,7 +86,7 @@ def test_inversion_and_edit_match_diffusers(tiny, sampler, mask):
               output_type="latent").images
 
     # ours, on the same folder
-    x0 = instdiffedit.to_tensor(img, SIZE, "cpu", torch.float32)
+    x0 = to_tensor(img, SIZE, "cpu", torch.float32)
     gen = torch.Generator().manual_seed(o.seed)
     ids = pipe.tokenizer.encode(["", EDIT, SOURCE])
     uncond, e_edit, e_src = pipe.text_encoder(ids)
@@ -112,7 +113,7 @@ def test_reconstruction_without_concepts_returns_the_source_latents(tiny):
     there the run ends on the model's x0 prediction instead (as in diffusers)."""
     pipe, _, _ = tiny
     o = EditOptions("ledits", steps=8, attention_res=RES, ledits_skip=0.2, ledits_sampler="ddim")
-    z0 = pipe.encode_image(instdiffedit.to_tensor(_image(), SIZE, "cpu", torch.float32))
+    z0 = pipe.encode_image(to_tensor(_image(), SIZE, "cpu", torch.float32))
     uncond = pipe.text_encoder(pipe.tokenizer.encode([""]))[0]
     inv = invert(pipe, z0, o, torch.Generator().manual_seed(0), uncond)
     x, activation = guided_denoise(pipe, inv, uncond, [], o)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 import instdiffedit
-from methods import REGISTRY, EditError, EditOptions, add_arguments, get_method, options_from_args
+from images import to_tensor
+from methods import REGISTRY, EditError, EditOptions, get_method, options_from_args
 from methods.options import SEED_MAX, all_specs
 
 RES = 8  # the tiny UNet's cross-attention grid
@@ -226,7 +227,7 @@ def test_diffedit_paper_equals_a_straightforward_diffusers_recomputation(pipe, t
         return clip(ids)[0]
 
     with torch.no_grad():
-        x0 = instdiffedit.to_tensor(img, pipe.size, "cpu", torch.float32)
+        x0 = to_tensor(img, pipe.size, "cpu", torch.float32)
         z0 = vae.encode(x0).latent_dist.mean * vae.config.scaling_factor
         noise = torch.randn((n, *z0.shape[1:]), generator=torch.Generator().manual_seed(seed))
         uncond = embed("")

@@ -24,8 +24,8 @@ def test_wheel_installs_and_its_console_script_edits_with_the_toy_model(tmp_path
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.startswith("instdiffedit-")}
     # exactly what the README's "Installing" lists
-    assert top == {"instdiffedit.py", "outset.py", "page.py", "model", "sampler", "mask", "methods", "weights", "evaluation",
-                   "instdiffedit_assets"}
+    assert top == {"instdiffedit.py", "images.py", "provenance.py", "outset.py", "page.py", "model", "sampler", "mask",
+                   "methods", "weights", "evaluation", "instdiffedit_assets"}
     assert "instdiffedit_assets/toy-sd/tokenizer/vocab.json" in names
     assert "instdiffedit_assets/toy-sd-inpaint/unet/diffusion_pytorch_model.safetensors" in names
 

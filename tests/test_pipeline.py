@@ -8,6 +8,7 @@ from PIL import Image
 
 import instdiffedit
 import methods.instdiffedit as method_instdiffedit
+from images import to_pil, to_tensor
 from instdiffedit import EditOptions
 from mask.instant import MaskResult
 from sampler import make_sampler
@@ -42,7 +43,7 @@ def _mask() -> torch.Tensor:
 
 def _pil(seed: int = 0, size=(24, 20)) -> Image.Image:
     x = _image(seed)[0]
-    return instdiffedit.to_pil(x).resize(size, Image.BICUBIC)
+    return to_pil(x).resize(size, Image.BICUBIC)
 
 
 # ---------------------------------------------------------------- 1. inpainting parity with diffusers
@@ -242,11 +243,11 @@ def test_edit_encodes_the_text_once_and_equals_the_two_stages_run_apart(pipe):
     finally:
         hook.remove()
     assert len(calls) == 1
-    x0 = instdiffedit.to_tensor(img, pipe.size, pipe.device, pipe.dtype)
+    x0 = to_tensor(img, pipe.size, pipe.device, pipe.dtype)
     gen = pipe._generator(9)
     st1 = method_instdiffedit.stage1(pipe, x0, "a red kite", o, gen)
     out = pipe.inpaint(x0, st1.mask, "a red kite", o, gen)[0]
-    apart = instdiffedit.to_pil(out).resize(img.size, Image.BICUBIC)
+    apart = to_pil(out).resize(img.size, Image.BICUBIC)
     assert res.image.tobytes() == apart.tobytes()
 
 
