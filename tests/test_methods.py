@@ -185,9 +185,13 @@ def test_unet_evals_equal_the_rows_the_unets_ran(pipe, monkeypatch, method):
                 "diffedit-mask": 3 * 2 * 2 + 4 * 2,           # samples x prompts x CFG, one step + the finish
                 "diffedit-original": 3 * 2 * 2 + 2 * 3 + 2 * 3,  # the same mask, then CFG x int(4 x 0.8) steps
                                                               # inverted and decoded, no finish
-                "sdedit": 2 * 2}                              # CFG x steps, no finish
-    if method in expected:
-        assert res.unet_evals == expected[method]
+                "sdedit": 2 * 2,                              # CFG x steps, no finish
+                "cyclediffusion": 2 * (1 + 2),                # int(4 x 0.7) steps x (source at guidance 1 + CFG edit)
+                "ptp": 4 + 4 * 2 * 2,                         # inversion (guidance 1, a row a step), [src, edit] x CFG
+                "pnp": 999 + 4 * 3,                           # 999-step inversion, then [source, uncond, cond] a step
+                "ledits": 4 + 4 * (1 + 2)}                    # inversion, then [uncond, edit, source (removed)] a step
+    assert method in expected, f"{method}: add what its description says it costs here"
+    assert res.unet_evals == expected[method]
 
 
 # ---------------------------------------------------------------- 4. DiffEdit as the authors ran it
