@@ -71,7 +71,7 @@ eval-toy: $(RUNTIME)
 table1: $(RUNTIME)
 	OMP_NUM_THREADS=1 $(BIN)/python -m toy.benchmark --table1 --methods-n 16 --out runs/table1-toy
 
-# retrain the bundled toy model from its seed (estimated 2 h 20 min on one CPU thread; assets/TRAINING.md)
+# retrain the bundled toy model from its seed (estimated 2 h 40 min on one CPU thread; assets/TRAINING.md)
 toy-model: $(RUNTIME)
 	$(BIN)/python -m toy.train --out assets --seed 0
 

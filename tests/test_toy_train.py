@@ -84,6 +84,12 @@ def test_inpaint_resume_continues_the_given_unet(tmp_path, one_thread):
     shipped = ROOT / "assets" / "toy-sd-inpaint"
     common = ["--vae-from", str(ROOT / "assets" / "toy-sd"), "--unet-from", str(ROOT / "assets" / "toy-sd"),
               "--scenes", "32", "--inpaint-examples", "32", "--check-scenes", "1"]
+    # the shipped UNet is grown: it is not grown again, and holds no base UNet for a fresh phase 3
+    with pytest.raises(SystemExit, match="holds a grown UNet already: pass --grow-steps 0"):
+        main(["--out", str(tmp_path / "x"), "--inpaint-resume", str(shipped), *common])
+    with pytest.raises(SystemExit, match="pass --inpaint-from or --inpaint-resume"):
+        main(["--out", str(tmp_path / "x"), "--grow-steps", "0", *common])
+    common += ["--grow-steps", "0"]
     main(["--out", str(tmp_path / "r0"), "--inpaint-resume", str(shipped), "--inpaint-steps", "0", *common])
     before = load(str(shipped), components=("unet",)).unet.state_dict()
     after = load(str(tmp_path / "r0" / "toy-sd-inpaint"), components=("unet",)).unet.state_dict()
