@@ -116,7 +116,10 @@ def test_layer_mapping_on_other_unets():
     toy = json.loads((ROOT / "assets" / "toy-sd" / "unet" / "config.json").read_text())
     with torch.device("meta"):
         unet = UNet2DConditionModel(UNetConfig.from_dict(toy))
-    assert injection_layers(unet) == ("up_blocks.1.resnets.1", ["up_blocks.1.attentions.1.transformer_blocks.0.attn1"])
+    # the toy UNet has decoder attention at every level (two per up block): from up_blocks.1.attentions.1
+    # on, that is one at 16x16 and both at 32x32
+    assert injection_layers(unet) == ("up_blocks.1.resnets.1", [f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1"
+                                                               for b, a in ((1, 1), (2, 0), (2, 1))])
     with torch.device("meta"):
         one_level = UNet2DConditionModel(UNetConfig(block_out_channels=(8,), down_block_types=("DownBlock2D",),
                                                     up_block_types=("UpBlock2D",), norm_num_groups=8))
