@@ -11,8 +11,8 @@ Pipeline (docs/method-notes.md, "Mask from attention"; paper Eq. 6-9):
    tokens gets the mean of its tokens' raw maps. Every map is upsampled to the latent size with
    Pillow's bicubic filter (``mask.filters.pil_resize``), which is what the authors' 8-bit
    ``Image.resize`` does, after scaling to 255 / max and truncating to whole levels as the
-   authors' uint8 cast does; the result is clipped to [0, 255] as their 8-bit image clips the filter's overshoot, then
-   min-max normalised. The SOT map is inverted first: SOT attends to the background, so the
+   authors' uint8 cast does; the result is clipped to [0, 255] as their 8-bit image clips the
+   filter's overshoot, then min-max normalised. The SOT map is inverted first: SOT attends to the background, so the
    inverted map highlights the object.
    Upsampling first (as the authors do) means Eq. 6-9, the blur and the mask all live at latent
    resolution, which is what the masked blending of Eq. 4-5 needs.
@@ -122,9 +122,9 @@ def _normalised_maps(raw: torch.Tensor, size: tuple[int, int], upsample: str,
         up = pil_resize(q, size, "bicubic", uint8=True)
         up[0] = 255 - up[0]
         return torch.trunc(minmax(up / 255) * 255) / 255
-    # the later steps stay in floats (the second cast is left out: where the 8-bit image spans 0..255
-    # (two thirds of the maps in tests/test_mask_oracle.py), the authors' min-max returns whole levels and that cast changes nothing, so
-    # modelling it over-corrects Eq. 7; measured in docs/method-notes.md)
+    # the later steps stay in floats. The second cast is left out: where the 8-bit image spans 0..255
+    # (two thirds of the maps in tests/test_mask_oracle.py), the authors' min-max returns whole levels
+    # and that cast changes nothing, so modelling it over-corrects Eq. 7 (docs/method-notes.md).
     up = pil_resize(q, size, upsample).clamp(0, 255)  # the 8-bit image clips the cubic's overshoot
     up[0] = -up[0]  # inverted SOT; min-max makes it 1 - minmax(SOT), and keeps a flat SOT at 0
     return minmax(up)

@@ -298,7 +298,7 @@ def diffusion_loss(unet, z0, ctx, acp, gen, extra=None, recorder=None, weight=No
 
 # Phase 2b's default step count: the grown UNet shipped in assets/ took 344 steps (2026-11-29); on the
 # toy benchmark's 240 cases it gives the base UNet's masks (IoU -0.1 [-1.5, +1.3] points) and a higher
-# C_m / C_non (+0.18 [+0.07, +0.29]) (assets/TRAINING.md). 0: no growing, ship the base UNet.
+# C_m / C_non (+0.16 [+0.06, +0.27]) (assets/TRAINING.md). 0: no growing, ship the base UNet.
 GROW_STEPS = 344
 ALL_GRIDS = (32, 16, 8)  # every grid of the 32x32 latent that has cross-attention in UNET_CONFIG
 
