@@ -61,7 +61,7 @@ import platform
 import sys
 import time
 from dataclasses import replace
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -118,8 +118,11 @@ def render_scenes(n: int, seed: int):
     """n training scenes: (scenes, images uint8 (n,H,W,3), labels int8 (n,H,W): 0 bg, i+1 object i)."""
     seeds = np.random.default_rng([seed, 1]).integers(0, world.TRAIN_SEED_LIMIT, n)
     chunks = np.array_split(seeds, 32)
-    with Pool(2) as pool:
-        parts = [r for chunk in pool.map(_render, chunks) for r in chunk]
+    if n <= 256:  # a pool's start-up costs more than it saves
+        parts = [r for chunk in chunks for r in _render(chunk)]
+    else:  # spawn, not fork: a forked child of a process whose torch threads run can deadlock on their locks
+        with get_context("spawn").Pool(2) as pool:
+            parts = [r for chunk in pool.map(_render, chunks) for r in chunk]
     scenes = [p[0] for p in parts]
     return scenes, np.stack([p[1] for p in parts]), np.stack([p[2] for p in parts])
 
