@@ -125,7 +125,6 @@ def guided_denoise(pipe, inv: Inversion, uncond: torch.Tensor, concepts: list[Co
         inp = sampler.scale_model_input(x, i).expand(1 + n, -1, -1, -1)
         preds = pipe.call_unet(pipe.unet, inp, t, emb, recorder=store)
         uncond_pred, guidance = preds[:1], torch.zeros_like(preds[:1])
-        union = torch.zeros((h, w), device=x.device)  # this step's guided pixels, any concept (the callback's mask)
         try:
             maps = store.take() if store is not None else None
         except RuntimeError as e:  # a UNet without cross-attention at latent / 4
@@ -143,10 +142,11 @@ def guided_denoise(pipe, inv: Inversion, uncond: torch.Tensor, concepts: list[Co
                 if o.ledits_mask == "intersect" and t <= M2_FROM_T:
                     m = m * noise_mask(direction[0], o.threshold)  # M1 x M2
             activation[k, c] = m.float().cpu()
-            union = torch.maximum(union, m.float())
             guidance = guidance + direction * m
         x = sampler.step(uncond_pred + guidance, i, x, variance_noise=inv.zs[k])
-        report_step(callback, "ledits", k, t, x, union > 0, union)
+        if callback is not None:  # its mask: this step's guided pixels, any concept (derived only when asked)
+            union = activation[k].amax(0).to(x.device) if n else torch.zeros((h, w), device=x.device)
+            report_step(callback, "ledits", k, t, x, union > 0, union)
     return x, activation
 
 
