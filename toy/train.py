@@ -306,6 +306,11 @@ GROW_STEPS = 344
 ALL_GRIDS = (32, 16, 8)  # every grid of the 32x32 latent that has cross-attention in UNET_CONFIG
 
 
+def is_grown(unet) -> bool:
+    """Whether a UNet has UNET_CONFIG's layout (cross-attention at every level), not the base one."""
+    return tuple(unet.config.down_block_types) == tuple(UNET_CONFIG["down_block_types"])
+
+
 class MapRecorder:
     """Keeps every layer's cross-attention probabilities at the given grids, {grid: [(B, heads, grid^2, 77)]};
     in training they stay inside the autograd graph (for the grounding losses)."""
@@ -791,14 +796,13 @@ def main(argv=None) -> None:
         from weights import load
         sd = load(a.unet_from, components=("unet", "text_encoder"))
         base, te = sd.unet.eval().requires_grad_(False), sd.text_encoder.eval().requires_grad_(False)
-        layout = tuple(base.config.down_block_types)
-        if layout == tuple(UNET_CONFIG["down_block_types"]):  # already grown (as assets/ ships it)
+        if is_grown(base):  # as assets/ ships it
             if a.grow_steps:
                 sys.exit(f"error: --unet-from {a.unet_from} holds a grown UNet already: pass --grow-steps 0")
             if not (a.inpaint_from or a.inpaint_resume):
                 sys.exit(f"error: --unet-from {a.unet_from} holds no base UNet, which a new inpainting UNet starts "
                          "from: pass --inpaint-from or --inpaint-resume")
-        elif layout != tuple(BASE_UNET_CONFIG["down_block_types"]):
+        elif tuple(base.config.down_block_types) != tuple(BASE_UNET_CONFIG["down_block_types"]):
             sys.exit(f"error: --unet-from {a.unet_from}: its UNet has cross-attention at "
                      f"{base.config.down_block_types}, not the base layout {BASE_UNET_CONFIG['down_block_types']}")
         prev = Path(a.unet_from) / "training_log.json"
@@ -819,8 +823,7 @@ def main(argv=None) -> None:
                                              edit_phrases=a.edit_phrases, te=te, config=UNET_CONFIG, init=base,
                                              grids=ALL_GRIDS, name="grow",
                                              budget_s=None if a.grow_minutes is None else 60 * a.grow_minutes)
-    grown = tuple(unet.config.down_block_types) == tuple(UNET_CONFIG["down_block_types"])
-    save_main(out_main, unet, te, vae, tok_dir, UNET_CONFIG if grown else BASE_UNET_CONFIG)
+    save_main(out_main, unet, te, vae, tok_dir, UNET_CONFIG if is_grown(unet) else BASE_UNET_CONFIG)
 
     if a.inpaint_from:  # phase 3 done earlier with this text encoder: copy its folder as it is
         from weights import load
