@@ -85,7 +85,7 @@ def test_inpaint_resume_continues_the_given_unet(tmp_path, one_thread):
     common = ["--vae-from", str(ROOT / "assets" / "toy-sd"), "--unet-from", str(ROOT / "assets" / "toy-sd"),
               "--scenes", "32", "--inpaint-examples", "32", "--check-scenes", "1"]
     # the shipped UNet is grown: it is not grown again, and holds no base UNet for a fresh phase 3
-    with pytest.raises(SystemExit, match="holds a grown UNet already: pass --grow-steps 0"):
+    with pytest.raises(SystemExit, match="holds a grown UNet already: pass --grow-steps 0, or --grow-resume"):
         main(["--out", str(tmp_path / "x"), "--inpaint-resume", str(shipped), *common])
     with pytest.raises(SystemExit, match="pass --inpaint-from or --inpaint-resume"):
         main(["--out", str(tmp_path / "x"), "--grow-steps", "0", *common])
@@ -102,3 +102,23 @@ def test_inpaint_resume_continues_the_given_unet(tmp_path, one_thread):
     assert record["resumed_from"] == str(shipped) and record["steps"] == 1
     shipped_log = json.loads((ROOT / "assets" / "toy-sd" / "training_log.json").read_text())
     assert record["earlier"] == shipped_log["phases"]["inpaint"]  # the shipped run's own record, carried over
+
+
+def test_grow_resume_continues_the_shipped_grown_unet(tmp_path, one_thread):
+    """--grow-resume trains the grown UNet of --unet-from further (phase 2b, text encoder unchanged) and
+    keeps the run it continued in the record; without --unet-from it is refused before any work."""
+    shipped = ROOT / "assets" / "toy-sd"
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--grow-resume", "--vae-from", str(shipped)])
+    main(["--out", str(tmp_path / "g"), "--vae-from", str(shipped), "--unet-from", str(shipped), "--grow-resume",
+          "--grow-steps", "1", "--inpaint-from", str(ROOT / "assets" / "toy-sd-inpaint"), "--scenes", "32",
+          "--inpaint-examples", "32", "--check-scenes", "1"])
+    before, after = (load(str(d), components=("unet", "text_encoder")) for d in (shipped, tmp_path / "g" / "toy-sd"))
+    b, a = before.unet.state_dict(), after.unet.state_dict()
+    assert b.keys() == a.keys() and any(not torch.equal(b[k], a[k]) for k in b)  # trained, same layout
+    tb, ta = before.text_encoder.state_dict(), after.text_encoder.state_dict()
+    assert all(torch.equal(tb[k], ta[k]) for k in tb)  # frozen: the inpainting UNet stays valid
+    record = json.loads((tmp_path / "g" / "toy-sd" / "training_log.json").read_text())["phases"]["grow"]
+    shipped_log = json.loads((shipped / "training_log.json").read_text())
+    assert record["steps"] == 1 and record["initialised_from"] == "grown UNet"
+    assert record["resumed_from"] == str(shipped) and record["earlier"] == shipped_log["phases"]["grow"]

@@ -443,7 +443,8 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
     te.eval().requires_grad_(False)
     return unet, te, {"steps": steps, "batch": bs, "lr": lr, "final_loss": float(np.mean(hist[-100:])),
                       "text_encoder": "frozen" if frozen_te else "trained jointly",
-                      "grounding_grids": list(grids), "initialised_from_base": init is not None,
+                      "grounding_grids": list(grids),
+                      "initialised_from": None if init is None else ("grown UNet" if is_grown(init) else "base UNet"),
                       "token_loss_weight": token_weight, "pixel_loss_weight": pixel_weight,
                       "grounding_loss_max_t": token_max_t, "edit_phrases": edit_phrases,
                       "final_token_loss": float(np.mean(thist[-100:])) if thist else None,
@@ -732,6 +733,9 @@ def main(argv=None) -> None:
                    help="phase 2b: steps of the grown UNet (cross-attention at every level), text encoder frozen; "
                         "0: ship the base UNet")
     p.add_argument("--grow-lr", type=float, default=5e-4, help="phase 2b peak learning rate")
+    p.add_argument("--grow-resume", action="store_true",
+                   help="phase 2b continues the grown UNet of --unet-from (as assets/ ships it) for --grow-steps, "
+                        "on its own sample order, instead of growing a base UNet")
     p.add_argument("--grow-minutes", type=float, default=None,
                    help="size phase 2b's step count to about this many minutes from its measured speed")
     p.add_argument("--token-loss", type=float, default=0.2,
@@ -758,6 +762,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.inpaint_examples > a.scenes:
         p.error(f"--inpaint-examples {a.inpaint_examples} exceeds --scenes {a.scenes} (one example per scene)")
+    if a.grow_resume and not a.unet_from:
+        p.error("--grow-resume continues the grown UNet of --unet-from: pass --unet-from")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     clock, phases = Timer(), {}
@@ -797,14 +803,17 @@ def main(argv=None) -> None:
         sd = load(a.unet_from, components=("unet", "text_encoder"))
         base, te = sd.unet.eval().requires_grad_(False), sd.text_encoder.eval().requires_grad_(False)
         if is_grown(base):  # as assets/ ships it
-            if a.grow_steps:
-                sys.exit(f"error: --unet-from {a.unet_from} holds a grown UNet already: pass --grow-steps 0")
+            if (a.grow_steps or a.grow_minutes) and not a.grow_resume:
+                sys.exit(f"error: --unet-from {a.unet_from} holds a grown UNet already: pass --grow-steps 0, "
+                         "or --grow-resume to continue its training")
             if not (a.inpaint_from or a.inpaint_resume):
                 sys.exit(f"error: --unet-from {a.unet_from} holds no base UNet, which a new inpainting UNet starts "
                          "from: pass --inpaint-from or --inpaint-resume")
         elif tuple(base.config.down_block_types) != tuple(BASE_UNET_CONFIG["down_block_types"]):
             sys.exit(f"error: --unet-from {a.unet_from}: its UNet has cross-attention at "
                      f"{base.config.down_block_types}, not the base layout {BASE_UNET_CONFIG['down_block_types']}")
+        elif a.grow_resume:
+            sys.exit(f"error: --grow-resume: --unet-from {a.unet_from} holds a base UNet, not a grown one")
         prev = Path(a.unet_from) / "training_log.json"
         rec = json.loads(prev.read_text())["phases"]["unet"] if prev.is_file() else None
         # a folder that itself reused its UNet holds the training record one level down
@@ -817,12 +826,18 @@ def main(argv=None) -> None:
     # phase 2b: grow the base UNet to cross-attention at every level and train it with the text encoder
     # frozen, so the inpainting UNet (conditioned on the same text encoder) stays valid
     unet, phases["grow"] = base, {"steps": 0}
-    if a.grow_steps > 0 or a.grow_minutes:  # seed + 1: its own sample order, not phase 2's again
-        unet, _, phases["grow"] = train_unet(latents, scenes, labels, tokens, a.grow_steps, a.seed + 1,
+    if a.grow_steps > 0 or a.grow_minutes:
+        # seed + 1: its own sample order, not phase 2's again; a resumed run seed + 5, not the first 2b run's
+        seed2b = a.seed + (5 if a.grow_resume else 1)
+        unet, _, phases["grow"] = train_unet(latents, scenes, labels, tokens, a.grow_steps, seed2b,
                                              lr=a.grow_lr, token_weight=a.token_loss, pixel_weight=a.pixel_loss,
                                              edit_phrases=a.edit_phrases, te=te, config=UNET_CONFIG, init=base,
                                              grids=ALL_GRIDS, name="grow",
                                              budget_s=None if a.grow_minutes is None else 60 * a.grow_minutes)
+        if a.grow_resume:  # keep the run it continued (and that run's record) beside this one
+            prev = Path(a.unet_from) / "training_log.json"
+            phases["grow"]["resumed_from"] = a.unet_from
+            phases["grow"]["earlier"] = json.loads(prev.read_text())["phases"].get("grow") if prev.is_file() else None
     save_main(out_main, unet, te, vae, tok_dir, UNET_CONFIG if is_grown(unet) else BASE_UNET_CONFIG)
 
     if a.inpaint_from:  # phase 3 done earlier with this text encoder: copy its folder as it is
