@@ -47,3 +47,29 @@ def test_table_prints_the_interval():
     lo, hi = s["ci"]["iou"]
     assert f"{100 * s['iou']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in text
     assert f"{s['rate']:.2f} [{s['ci']['rate'][0]:.2f}, {s['ci']['rate'][1]:.2f}]" in text
+
+
+def test_by_size_splits_each_kind_into_thirds_by_what_is_edited():
+    """Object edits are ranked by their mask's area, background edits by the objects' area (the
+    complement of their mask); cells count the map's cells that area covers."""
+    from types import SimpleNamespace
+    from toy.benchmark import by_size, size_table
+    cases, rows = [], []
+    for i in range(6):
+        gt = np.zeros((16, 16), bool)
+        gt.flat[: 10 * (i + 1)] = True                    # object i covers 10 (i + 1) of 256 pixels
+        cases.append(SimpleNamespace(id=f"m{i}", gt_mask=gt, target=0))
+        rows.append({"id": f"m{i}", "kind": "main", "iou": i / 10, "c_m": 0.2, "c_non": 0.05 * (i + 1)})
+        cases.append(SimpleNamespace(id=f"b{i}", gt_mask=~gt, target=None))  # objects' area as above
+        rows.append({"id": f"b{i}", "kind": "background", "iou": 1 - i / 10, "c_m": 0.4, "c_non": 0.1})
+    rng = np.random.default_rng(0)
+    rows = [rows[k] for k in rng.permutation(len(rows))]  # order of the rows must not matter
+    strata = by_size(rows, cases, grid=8)
+    assert set(strata) == {"main", "background"}
+    small, middle, large = strata["main"]
+    assert [s["n"] for s in (small, middle, large)] == [2, 2, 2]
+    assert small["cells"] == pytest.approx(64 * 15 / 256) and large["cells"] == pytest.approx(64 * 55 / 256)
+    assert small["iou"] == pytest.approx(0.05) and large["iou"] == pytest.approx(0.45)
+    assert small["rate"] == pytest.approx(0.2 / 0.075) and large["rate"] == pytest.approx(0.2 / 0.275)
+    assert strata["background"][0]["iou"] == pytest.approx(0.95)  # smallest objects first
+    assert "| main | large | 2 | 14 | 45.0" in size_table(strata, 8)

@@ -130,6 +130,36 @@ def confidence_intervals(rows: list[dict], level: float = 0.95) -> dict[str, tup
     return ci
 
 
+def by_size(rows: list[dict], cases, grid: int) -> dict[str, list[dict]]:
+    """Each kind's cases in thirds by the size of what is edited (a background edit: all the objects,
+    where its C_non is measured), as cells of a grid x grid attention map: how mask IoU and rate depend
+    on how many map cells an object spans. A cell is the same share of the image on SD's maps, so the
+    cell counts compare directly."""
+    share = {c.id: float(c.gt_mask.mean() if c.target is not None else 1 - c.gt_mask.mean()) for c in cases}
+    out = {}
+    for kind in KINDS:
+        ranked = sorted((r for r in rows if r["kind"] == kind and r["id"] in share), key=lambda r: share[r["id"]])
+        if len(ranked) < 3:
+            continue
+        out[kind] = []
+        for name, part in zip(("small", "middle", "large"), np.array_split(np.arange(len(ranked)), 3)):
+            sub = [ranked[i] for i in part]
+            s = summarise(sub)
+            cells = grid * grid * float(np.mean([share[r["id"]] for r in sub]))
+            out[kind].append({"third": name, "n": len(sub), "cells": cells, "iou": s["iou"], "rate": s["rate"],
+                              "ci": {k: s["ci"][k] for k in ("iou", "rate") if k in s["ci"]}})
+    return out
+
+
+def size_table(strata: dict[str, list[dict]], grid: int) -> str:
+    lines = [f"| kind | third | n | cells of the {grid}x{grid} map | IoU | rate |", "|---|---|---|---|---|---|"]
+    for kind, parts in strata.items():
+        for s in parts:
+            lines.append(f"| {kind} | {s['third']} | {s['n']} | {s['cells']:.0f} | {_fmt_ci(s, 'iou', pct=True)} | "
+                         f"{_fmt_ci(s, 'rate')} |")
+    return "\n".join(lines)
+
+
 def grid_comparison(pipe, cases, grids, options: dict) -> dict[str, dict]:
     """Masks only, at the defaults, from the cross-attention maps of each grid in turn."""
     return {f"{g}x{g} maps": summarise(run_cases(pipe, cases, full=False, **{**options, "attention_res": g}))
@@ -224,6 +254,12 @@ def main(argv=None) -> int:
                         f"{args.seed_set}",
                         {"instdiffedit": results["default"]["summary"]}))
     print(report[-1], flush=True)
+    grid = pipe.options("instdiffedit", **options_for("instdiffedit")).attention_res
+    results["default"]["by_size"] = strata = by_size(rows, cases, grid)
+    if strata:
+        report.append("By the size of what is edited (thirds of each kind; a background edit: all its objects)\n"
+                      + size_table(strata, grid))
+        print(report[-1], flush=True)
 
     if not args.no_methods:
         subset = cases[: args.methods_n]
