@@ -798,6 +798,7 @@ def main(argv=None) -> None:
 
     budget = None if a.minutes_budget is None else a.minutes_budget * 60
     remaining = None if budget is None else budget - clock() - 60 - 0.03 * a.inpaint_examples
+    earlier = None  # the phases recorded in --unet-from's training_log.json, read once
     if a.unet_from:  # phase 2 done earlier: keep its record next to the reused weights
         from weights import load
         sd = load(a.unet_from, components=("unet", "text_encoder"))
@@ -815,7 +816,8 @@ def main(argv=None) -> None:
         elif a.grow_resume:
             sys.exit(f"error: --grow-resume: --unet-from {a.unet_from} holds a base UNet, not a grown one")
         prev = Path(a.unet_from) / "training_log.json"
-        rec = json.loads(prev.read_text())["phases"]["unet"] if prev.is_file() else None
+        earlier = json.loads(prev.read_text())["phases"] if prev.is_file() else None
+        rec = earlier["unet"] if earlier is not None else None
         # a folder that itself reused its UNet holds the training record one level down
         phases["unet"] = {"reused_from": a.unet_from, "record": rec.get("record", rec) if rec else None}
     else:
@@ -835,9 +837,8 @@ def main(argv=None) -> None:
                                              grids=ALL_GRIDS, name="grow",
                                              budget_s=None if a.grow_minutes is None else 60 * a.grow_minutes)
         if a.grow_resume:  # keep the run it continued (and that run's record) beside this one
-            prev = Path(a.unet_from) / "training_log.json"
             phases["grow"]["resumed_from"] = a.unet_from
-            phases["grow"]["earlier"] = json.loads(prev.read_text())["phases"].get("grow") if prev.is_file() else None
+            phases["grow"]["earlier"] = earlier.get("grow") if earlier is not None else None
     save_main(out_main, unet, te, vae, tok_dir, UNET_CONFIG if is_grown(unet) else BASE_UNET_CONFIG)
 
     if a.inpaint_from:  # phase 3 done earlier with this text encoder: copy its folder as it is
@@ -868,9 +869,8 @@ def main(argv=None) -> None:
                                                lr=a.inpaint_lr, budget_s=remaining, resume=resume)
         if a.inpaint_resume:  # keep the earlier run's record (toy-sd's log holds it) beside this one
             phases["inpaint"]["resumed_from"] = a.inpaint_resume
-            prev = Path(a.unet_from or "") / "training_log.json"
-            if a.unet_from and prev.is_file():
-                phases["inpaint"]["earlier"] = json.loads(prev.read_text())["phases"].get("inpaint")
+            if earlier is not None:
+                phases["inpaint"]["earlier"] = earlier.get("inpaint")
         save_inpaint(out_inp, inp)
 
     t = Timer()
