@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from toy.world import (BENCHMARK_SEED, COLOURS, KINDS, SHAPES, TRAIN_SEED_LIMIT, Obj, Scene,
-                       benchmark_cases, caption, edit_cases, render, scene_from_seed,
-                       training_batch)
+from toy.world import (BENCHMARK_OBJECT_SIZES, BENCHMARK_SEED, COLOURS, KINDS, SHAPES, TRAIN_OBJECT_SIZES,
+                       TRAIN_SEED_LIMIT, Obj, Scene, benchmark_cases, caption, edit_cases, render,
+                       scene_from_seed, training_batch)
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +165,41 @@ def test_edit_cases_targets_and_masks(bench):
             assert n.colour != c.scene.background and np.array_equal(c.gt_mask, masks[t])
         else:
             assert np.array_equal(c.gt_mask, masks[t] | render(c.target_scene)[1][t])
+
+
+def test_object_sizes_training_and_benchmark_ranges(bench):
+    """Training scenes draw sizes from the training range, benchmark scenes (world v2) from theirs, which lies
+    inside it: the bundled model is never benchmarked on object sizes it was not trained on."""
+    lo, hi = TRAIN_OBJECT_SIZES
+    assert lo <= BENCHMARK_OBJECT_SIZES[0] <= BENCHMARK_OBJECT_SIZES[1] <= hi
+    train = [o.size for s in range(300) for o in scene_from_seed(s).objects]
+    assert lo <= min(train) < lo + 0.02 and hi - 0.02 < max(train) <= hi
+    v2 = [o.size for c in bench for o in c.scene.objects]
+    assert BENCHMARK_OBJECT_SIZES[0] <= min(v2) and max(v2) <= BENCHMARK_OBJECT_SIZES[1]
+    # the same seeds in world v1 (the training range) draw the same shapes and colours at other sizes
+    v1 = benchmark_cases(30, object_sizes=TRAIN_OBJECT_SIZES)
+    assert [tuple((o.shape, o.colour) for o in c.scene.objects) for c in v1] == \
+        [tuple((o.shape, o.colour) for o in c.scene.objects) for c in bench[:30]]
+    assert min(o.size for c in v1 for o in c.scene.objects) < BENCHMARK_OBJECT_SIZES[0]
+    fixed = benchmark_cases(6, object_sizes=(0.4, 0.4))
+    assert {o.size for c in fixed for o in c.scene.objects} == {0.4}
+    for bad in ((0.5, 0.3), (0.0, 0.3), (0.3, 1.2)):
+        with pytest.raises(ValueError, match="object sizes"):
+            benchmark_cases(3, object_sizes=bad)
+
+
+def test_benchmark_command_rejects_bad_object_sizes(capsys):
+    from toy.benchmark import main
+    assert main(["--object-sizes", "0.6", "0.2", "--n", "3", "--no-methods", "--no-ablation"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --object-sizes") and "0.6 0.2" in err and "\n" not in err
+
+
+def test_large_objects_never_hide_a_named_object():
+    """With objects up to 0.7 of the side, three of them often cannot all stay >= 70 % visible: the scene then
+    has fewer objects (or, with a fixed count, the most visible draw), never an object hidden behind others."""
+    from toy.world import _visible_fractions, sample_scene
+    scenes = [scene_from_seed(s, object_sizes=(0.6, 0.7)) for s in range(40)]
+    assert all(min(_visible_fractions(sc)) >= 0.7 for sc in scenes)
+    fixed = sample_scene(np.random.default_rng(3), n_objects=3, object_sizes=(0.7, 0.7))
+    assert len(fixed.objects) == 3 and min(_visible_fractions(fixed)) > 0

@@ -32,7 +32,7 @@ from evaluation.stats import bootstrap_ci, ratio_of_means
 from mask.filters import binomial_blur
 from mask.instant import minmax
 from methods import REGISTRY, EditError, EditOptions, add_arguments, get_method, options_from_args
-from toy.world import BENCHMARK_SEED_SETS, KINDS, benchmark_cases, render
+from toy.world import KINDS, add_case_arguments, benchmark_cases, check_object_sizes, render
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, INPAINT_MODEL = ROOT / "assets" / "toy-sd", ROOT / "assets" / "toy-sd-inpaint"
@@ -151,6 +151,30 @@ def by_size(rows: list[dict], cases, grid: int) -> dict[str, list[dict]]:
     return out
 
 
+# Mean share of the image covered by an annotated object's bounding box (ImageNet's ILSVRC 2012 analysis page,
+# "Average Object Scale", per class): the scale of real editing datasets' objects, for comparison with the toy's.
+REFERENCE_OBJECT_SCALE = {"ILSVRC 2012": 0.358, "PASCAL VOC": 0.241}
+
+
+def bbox_share(mask: np.ndarray) -> float:
+    """Area of the bounding box of a boolean mask, as a share of the image (0 for an empty mask)."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(rows):
+        return 0.0
+    return float((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1) / mask.size)
+
+
+def object_scale(cases) -> dict[str, float]:
+    """Mean bounding-box share of the edited object (its visible mask in the source), per object kind: the
+    toy's counterpart of REFERENCE_OBJECT_SCALE."""
+    out = {}
+    for kind in ("main", "secondary"):
+        shares = [bbox_share(render(c.scene, c.gt_mask.shape[0])[1][c.target]) for c in cases if c.kind == kind]
+        if shares:
+            out[kind] = float(np.mean(shares))
+    return out
+
+
 def size_table(strata: dict[str, list[dict]], grid: int) -> str:
     lines = [f"| kind | third | n | cells of the {grid}x{grid} map | IoU | rate |", "|---|---|---|---|---|---|"]
     for kind, parts in strata.items():
@@ -203,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the toy Table 1: every registered method on the same --methods-n cases")
     p.add_argument("--methods", default=None,
                    help="comma-separated registered methods to compare besides instdiffedit (default: all)")
-    p.add_argument("--seed-set", choices=sorted(BENCHMARK_SEED_SETS), default="a",
-                   help="fixed case seeds: a (the set every figure is reported on) or b (disjoint, out of sample)")
+    add_case_arguments(p)
     p.add_argument("--grids", type=int, nargs="+", default=None, metavar="G",
                    help="also compare the mask from the maps of each of these grids (e.g. 8 16 32), masks only, "
                         "on --ablation-n cases")
@@ -216,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.out = args.out or str(ROOT / "runs" / ("eval-toy" if args.seed_set == "a" else f"eval-toy-{args.seed_set}"))
+    try:
+        sizes = check_object_sizes(args.object_sizes)
+    except ValueError as e:
+        print(f"error: --object-sizes: {e}", file=sys.stderr)
+        return 2
     given = options_from_args(args)
     chosen = list(REGISTRY) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in chosen:
@@ -243,19 +271,26 @@ def main(argv=None) -> int:
     except (OSError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cases = benchmark_cases(max(args.n, args.ablation_n, args.methods_n), size=pipe.size, seed_set=args.seed_set)
+    cases = benchmark_cases(max(args.n, args.ablation_n, args.methods_n), size=pipe.size, seed_set=args.seed_set,
+                            object_sizes=sizes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, report = {}, []
 
     rows = run_cases(pipe, cases[: args.n], **options_for("instdiffedit"))
-    results["default"] = {"summary": summarise(rows), "rows": rows, "seed_set": args.seed_set}
+    results["default"] = {"summary": summarise(rows), "rows": rows, "seed_set": args.seed_set,
+                          "object_sizes": list(sizes)}
     report.append(table(f"InstDiffEdit at its defaults (r 0.5, phi 0.2, n 3, LMS 50 steps, CFG 7.5), seed set "
-                        f"{args.seed_set}",
+                        f"{args.seed_set}, object sizes {sizes[0]}-{sizes[1]}",
                         {"instdiffedit": results["default"]["summary"]}))
     print(report[-1], flush=True)
     grid = pipe.options("instdiffedit", **options_for("instdiffedit")).attention_res
     results["default"]["by_size"] = strata = by_size(rows, cases, grid)
+    results["default"]["object_scale"] = scale = object_scale(cases[: args.n])
+    report.append("Edited objects' bounding box, mean share of the image: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in scale.items()) + " (real datasets: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in REFERENCE_OBJECT_SCALE.items()) + ")")
+    print(report[-1], flush=True)
     if strata:
         report.append("By the size of what is edited (thirds of each kind; a background edit: all its objects)\n"
                       + size_table(strata, grid))

@@ -23,7 +23,7 @@ import torch
 from evaluation.stats import bootstrap_ci
 from sampler import DDIMSampler
 from sampler.inversion import ddim_invert
-from toy.world import BENCHMARK_SEED_SETS, benchmark_cases, render
+from toy.world import add_case_arguments, benchmark_cases, check_object_sizes, render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,17 +88,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", default=str(ROOT / "assets" / "toy-sd"))
     p.add_argument("--n", type=int, default=60, help="source scenes: those of the first N benchmark cases")
-    p.add_argument("--seed-set", choices=sorted(BENCHMARK_SEED_SETS), default="a")
+    add_case_arguments(p)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 7.5])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", default=str(ROOT / "runs" / "inversion-toy"))
     a = p.parse_args(argv)
     if a.n < 1 or a.steps < 1:
         p.error(f"--n {a.n} and --steps {a.steps} must be at least 1")
+    try:
+        sizes = check_object_sizes(a.object_sizes)
+    except ValueError as e:
+        p.error(f"--object-sizes: {e}")
     from instdiffedit import InstDiffEdit
     pipe = InstDiffEdit.from_pretrained(a.model, None, device="cpu", dtype=torch.float32)
-    res = measure(pipe, benchmark_cases(a.n, size=pipe.size, seed_set=a.seed_set), a.guidance, a.steps)
-    res["seed_set"] = a.seed_set
+    res = measure(pipe, benchmark_cases(a.n, size=pipe.size, seed_set=a.seed_set, object_sizes=sizes), a.guidance, a.steps)
+    res["seed_set"], res["object_sizes"] = a.seed_set, list(sizes)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")

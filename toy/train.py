@@ -102,10 +102,10 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------- data
 
-def _render(seeds):
+def _render(seeds, object_sizes=world.TRAIN_OBJECT_SIZES):
     out = []
     for s in seeds:
-        scene = world.scene_from_seed(int(s))
+        scene = world.scene_from_seed(int(s), object_sizes=object_sizes)
         img, masks, _ = world.render(scene, SIZE)  # ss=4, as the benchmark renders
         lab = np.zeros((SIZE, SIZE), np.int8)
         for i, m in enumerate(masks):
@@ -114,15 +114,15 @@ def _render(seeds):
     return out
 
 
-def render_scenes(n: int, seed: int):
+def render_scenes(n: int, seed: int, object_sizes=world.TRAIN_OBJECT_SIZES):
     """n training scenes: (scenes, images uint8 (n,H,W,3), labels int8 (n,H,W): 0 bg, i+1 object i)."""
     seeds = np.random.default_rng([seed, 1]).integers(0, world.TRAIN_SEED_LIMIT, n)
     chunks = np.array_split(seeds, 32)
     if n <= 256:  # a pool's start-up costs more than it saves
-        parts = [r for chunk in chunks for r in _render(chunk)]
+        parts = [r for chunk in chunks for r in _render(chunk, object_sizes)]
     else:  # spawn, not fork: a forked child of a process whose torch threads run can deadlock on their locks
         with get_context("spawn").Pool(2) as pool:
-            parts = [r for chunk in pool.map(_render, chunks) for r in chunk]
+            parts = [r for chunk in pool.starmap(_render, [(c, object_sizes) for c in chunks]) for r in chunk]
     scenes = [p[0] for p in parts]
     return scenes, np.stack([p[1] for p in parts]), np.stack([p[2] for p in parts])
 
@@ -758,10 +758,16 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 because on a shared 2-core machine a 2-thread OpenMP run slows "
                         "~20x whenever another process takes a core")
+    p.add_argument("--object-sizes", type=float, nargs=2, metavar=("LOW", "HIGH"), default=world.TRAIN_OBJECT_SIZES,
+                   help="object sizes of the training scenes, fractions of the image side (toy.world)")
     p.add_argument("--check-scenes", type=int, default=50, help="held-out scenes for the localisation check")
     a = p.parse_args(argv)
     if a.inpaint_examples > a.scenes:
         p.error(f"--inpaint-examples {a.inpaint_examples} exceeds --scenes {a.scenes} (one example per scene)")
+    try:
+        a.object_sizes = world.check_object_sizes(a.object_sizes)
+    except ValueError as e:
+        p.error(f"--object-sizes: {e}")
     if a.grow_resume and not a.unet_from:
         p.error("--grow-resume continues the grown UNet of --unet-from: pass --unet-from")
     torch.set_num_threads(a.threads)
@@ -774,8 +780,8 @@ def main(argv=None) -> None:
     tokens = TokenCache(tokenizer)
 
     t = Timer()
-    scenes, images, labels = render_scenes(a.scenes, a.seed)
-    phases["render"] = {"scenes": a.scenes, "seconds": round(t(), 1)}
+    scenes, images, labels = render_scenes(a.scenes, a.seed, a.object_sizes)
+    phases["render"] = {"scenes": a.scenes, "object_sizes": list(a.object_sizes), "seconds": round(t(), 1)}
     log(f"rendered {a.scenes} scenes in {t():.0f}s")
 
     if a.vae_from:  # a VAE trained earlier (by this script with the same seed): skip phase 1
