@@ -73,3 +73,18 @@ def test_by_size_splits_each_kind_into_thirds_by_what_is_edited():
     assert small["rate"] == pytest.approx(0.2 / 0.075) and large["rate"] == pytest.approx(0.2 / 0.275)
     assert strata["background"][0]["iou"] == pytest.approx(0.95)  # smallest objects first
     assert "| main | large | 2 | 14 | 45.0" in size_table(strata, 8)
+
+
+def test_object_scale_is_the_bounding_box_share_of_the_edited_object():
+    from toy.benchmark import bbox_share, object_scale
+    from toy.world import benchmark_cases
+    m = np.zeros((100, 100), bool)
+    assert bbox_share(m) == 0.0
+    m[10:20, 30:50] = True
+    m[15, 35] = False  # a hole does not change the box
+    assert bbox_share(m) == 10 * 20 / 100 ** 2
+    small, large = (object_scale(benchmark_cases(30, size=64, object_sizes=r)) for r in ((0.2, 0.3), (0.6, 0.7)))
+    assert set(small) == set(large) == {"main", "secondary"}
+    # a circle's box is its size squared; squares and rotated shapes a little more; occlusion less
+    assert 0.2 ** 2 * 0.8 < small["secondary"] < small["main"] < 0.3 ** 2 * 1.3
+    assert 0.6 ** 2 * 0.8 < large["main"] < 0.7 ** 2 * 1.3

@@ -122,3 +122,7 @@ def test_grow_resume_continues_the_shipped_grown_unet(tmp_path, one_thread):
     shipped_log = json.loads((shipped / "training_log.json").read_text())
     assert record["steps"] == 1 and record["initialised_from"] == "grown UNet"
     assert record["resumed_from"] == str(shipped) and record["earlier"] == shipped_log["phases"]["grow"]
+    # the copied inpainting UNet's own training record comes along (from the folder beside it)
+    inpaint = json.loads((tmp_path / "g" / "toy-sd" / "training_log.json").read_text())["phases"]["inpaint"]
+    assert inpaint["reused_from"] == str(ROOT / "assets" / "toy-sd-inpaint")
+    assert inpaint["record"]["inpaint"] == shipped_log["phases"]["inpaint"]

@@ -853,6 +853,12 @@ def main(argv=None) -> None:
         prev = json.loads((Path(a.inpaint_from) / "unet" / "config.json").read_text())
         phases["inpaint"] = {"reused_from": a.inpaint_from,
                              "layout": {k: prev[k] for k in ("down_block_types", "up_block_types")}}
+        # the run that wrote that folder keeps its record beside it (OUT/toy-sd/training_log.json)
+        sibling = Path(a.inpaint_from).parent / "toy-sd" / "training_log.json"
+        if sibling.is_file() and sibling.resolve() != (out_main / "training_log.json").resolve():
+            made = json.loads(sibling.read_text())
+            phases["inpaint"]["record"] = {"command": made.get("command"),
+                                           **{k: made["phases"].get(k) for k in ("inpaint_data", "inpaint")}}
         if Path(a.inpaint_from).resolve() != out_inp.resolve():
             out_inp.mkdir(parents=True, exist_ok=True)
             for f in Path(a.inpaint_from).rglob("*"):
