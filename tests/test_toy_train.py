@@ -126,3 +126,9 @@ def test_grow_resume_continues_the_shipped_grown_unet(tmp_path, one_thread):
     inpaint = json.loads((tmp_path / "g" / "toy-sd" / "training_log.json").read_text())["phases"]["inpaint"]
     assert inpaint["reused_from"] == str(ROOT / "assets" / "toy-sd-inpaint")
     assert inpaint["record"]["inpaint"] == shipped_log["phases"]["inpaint"]
+
+
+def test_bad_object_sizes_are_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--object-sizes", "0.5", "0.2"])
+    assert "--object-sizes" in capsys.readouterr().err and not (tmp_path / "toy-sd").exists()

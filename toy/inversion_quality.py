@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         p.error(f"--object-sizes: {e}")
     from instdiffedit import InstDiffEdit
     pipe = InstDiffEdit.from_pretrained(a.model, None, device="cpu", dtype=torch.float32)
-    res = measure(pipe, benchmark_cases(a.n, size=pipe.size, seed_set=a.seed_set, object_sizes=sizes), a.guidance, a.steps)
+    cases = benchmark_cases(a.n, size=pipe.size, seed_set=a.seed_set, object_sizes=sizes)
+    res = measure(pipe, cases, a.guidance, a.steps)
     res["seed_set"], res["object_sizes"] = a.seed_set, list(sizes)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

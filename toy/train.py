@@ -758,8 +758,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 because on a shared 2-core machine a 2-thread OpenMP run slows "
                         "~20x whenever another process takes a core")
-    p.add_argument("--object-sizes", type=float, nargs=2, metavar=("LOW", "HIGH"), default=world.TRAIN_OBJECT_SIZES,
-                   help="object sizes of the training scenes, fractions of the image side (toy.world)")
+    world.add_object_sizes_argument(p, world.TRAIN_OBJECT_SIZES, "training scenes",
+                                    "0.2 0.7 covers the benchmark's --object-sizes 0.35 0.7")
     p.add_argument("--check-scenes", type=int, default=50, help="held-out scenes for the localisation check")
     a = p.parse_args(argv)
     if a.inpaint_examples > a.scenes:

@@ -270,10 +270,15 @@ def add_case_arguments(p) -> None:
     toy.inversion_quality): the seed set and the world's object sizes."""
     p.add_argument("--seed-set", choices=sorted(BENCHMARK_SEED_SETS), default="a",
                    help="fixed case seeds: a (the set every figure is reported on) or b (disjoint, out of sample)")
-    p.add_argument("--object-sizes", type=float, nargs=2, metavar=("LOW", "HIGH"), default=BENCHMARK_OBJECT_SIZES,
-                   help=f"object sizes of the benchmark scenes, fractions of the image side (default "
-                        f"{BENCHMARK_OBJECT_SIZES[0]} {BENCHMARK_OBJECT_SIZES[1]}, the bundled model's training "
-                        f"range; 0.35 0.7: edited objects at the scale of ImageNet's and PASCAL's)")
+    add_object_sizes_argument(p, BENCHMARK_OBJECT_SIZES, "benchmark scenes", "0.35 0.7: edited objects at the "
+                              "scale of ImageNet's and PASCAL's")
+
+
+def add_object_sizes_argument(p, default, scenes: str, note: str) -> None:
+    """--object-sizes LOW HIGH, for benchmark and training commands alike (validate with check_object_sizes)."""
+    p.add_argument("--object-sizes", type=float, nargs=2, metavar=("LOW", "HIGH"), default=default,
+                   help=f"object sizes of the {scenes}, fractions of the image side (default {default[0]} "
+                        f"{default[1]}, the bundled model's training range; {note})")
 
 
 def check_object_sizes(object_sizes) -> tuple[float, float]:
