@@ -112,7 +112,8 @@ def sample_scene(rng, n_objects=None, min_objects=1, object_sizes=TRAIN_OBJECT_S
     # the scene drops its last object (down to min_objects; never when n_objects is fixed), and if nothing
     # fits it keeps the most visible draw, so no object named in a caption is hidden behind the others.
     best = None
-    for k in range(n, (n if n_objects is not None else min(min_objects, n)) - 1, -1):
+    fewest = n if n_objects is not None else min_objects  # n >= min_objects when it is drawn
+    for k in range(n, fewest - 1, -1):
         for _ in range(50):
             objs = []
             for shape, col in zip(shapes[:k], cols[:k]):
