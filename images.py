@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from methods.options import EditError, one_line
+from methods.options import EditError
+from weights.errors import one_line
 
 MAX_PIXELS = 64_000_000  # larger inputs are refused as possible decompression bombs
 
@@ -51,7 +52,7 @@ def load_image(path: str | Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise EditError(f"{path}: image is over the {MAX_PIXELS:,}-pixel limit (possible decompression bomb)") from None
     except DECODE_ERRORS as e:
-        raise EditError(f"{path}: not a readable image ({type(e).__name__}: {one_line(e)[:150]})") from None
+        raise EditError(f"{path}: not a readable image ({type(e).__name__}: {one_line(e, 150)})") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -32,13 +32,14 @@ from evaluation.figures import attention_figure, mask_outline, steps_strip, stri
 from images import as_image, as_mask, expand_images, keep_unmasked, load_image, load_mask, map_to_pil, to_pil, to_tensor
 from methods import (EditError, EditOptions, Job, MaskOutput, add_arguments, check_finite, get_method, guidance_cause,
                      options_from_args, report_step)
-from methods.options import SHARED_BY_NAME, one_line
+from methods.options import SHARED_BY_NAME
 from model.runtime import Placement, run_steps
 from provenance import code_commit, model_hashes, model_record, pixels_sha256, sha256_file, versions
 from sampler import SchedulerConfig, cfg, make_sampler
 from weights import (DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, Need, WeightsError, default_inpaint_model, load,
                      resolve_models)
 from weights.sources import BUNDLED, assets_dir
+from weights.errors import one_line
 
 TOY_MODEL = str(assets_dir() / BUNDLED["toy"])  # the bundled toy model: --model toy
 TOY_INPAINT_MODEL = str(assets_dir() / BUNDLED["toy-inpaint"])
@@ -684,7 +685,7 @@ def main(argv: list[str] | None = None, session: Session | None = None) -> int:
         if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
                 and "allocate" not in str(e) and "out of memory" not in str(e):
             return _internal(e)
-        print(f"error: out of memory ({one_line(e)[:120]}); try fewer --rounds, --dtype fp16 on CUDA, "
+        print(f"error: out of memory ({one_line(e, 120)}); try fewer --rounds, --dtype fp16 on CUDA, "
               "or a smaller model", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -702,7 +703,7 @@ def _internal(e: BaseException) -> int:
     tell how to get the traceback, which INSTDIFFEDIT_TRACEBACK=1 prints (tests and CI set it)."""
     if os.environ.get(TRACEBACK_ENV):
         raise e
-    print(f"error: internal error, please report it: {type(e).__name__}: {one_line(e)[:200]} "
+    print(f"error: internal error, please report it: {type(e).__name__}: {one_line(e, 200)} "
           f"(rerun with {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
     return 3
 

@@ -19,11 +19,6 @@ class EditError(ValueError):
     """Bad user input; the CLI prints the message on one line and exits non-zero."""
 
 
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (whitespace runs collapsed), for `error: ...` lines."""
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 @dataclass(frozen=True)
 class Option:
     name: str                       # keyword of pipe.edit(); the flag is --name with '-' for '_'

@@ -12,7 +12,9 @@ from toy import world
 import torch
 
 from model.unet import UNet2DConditionModel, UNetConfig
-from toy.train import BASE_UNET_CONFIG, UNET_CONFIG, MapRecorder, edit_phrase, grow_unet, ldm_init, main
+from toy.train import (BASE_UNET_CONFIG, SCHEDULER, UNET_CONFIG, MapRecorder, diffusion_loss, edit_phrase, grow_unet,
+                       ldm_init, main)
+from sampler.schedule import NoiseSchedule
 from weights import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,3 +134,37 @@ def test_bad_object_sizes_are_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--object-sizes", "0.5", "0.2"])
     assert "--object-sizes" in capsys.readouterr().err and not (tmp_path / "toy-sd").exists()
+
+
+def test_inpaint_keep_weight_weights_the_cells_outside_the_mask():
+    """--inpaint-keep-weight: the loss is a weighted mean over latent cells, W outside the mask and 1
+    inside, against v = sqrt(abar) noise - sqrt(1 - abar) z0 computed here by hand (a UNet that
+    predicts 0, so the loss is the weighted mean of v squared); weight 1 is the plain MSE."""
+    acp = NoiseSchedule(SCHEDULER).alphas_cumprod
+    z0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    mask = (torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)) < 0.4).float()
+
+    def zero_unet(x, t, ctx, recorder=None):
+        return torch.zeros(x.shape[0], 4, *x.shape[2:])
+
+    def loss(cell_weight):
+        return diffusion_loss(zero_unet, z0, None, acp, torch.Generator().manual_seed(3), cell_weight=cell_weight)[0]
+
+    g = torch.Generator().manual_seed(3)  # the draws diffusion_loss makes, in its order: timesteps, then noise
+    t = torch.randint(0, len(acp), (3,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    a = acp[t].double().view(3, 1, 1, 1)
+    v2 = (a.sqrt() * noise - (1 - a).sqrt() * z0).pow(2).mean(1, keepdim=True)  # per cell, over channels
+    for w in (1.0, 5.0):
+        cells = mask + w * (1 - mask)
+        expected = float((v2 * cells).sum() / cells.sum())
+        assert float(loss(cells)) == pytest.approx(expected, rel=1e-5)
+    assert float(loss(None)) == pytest.approx(float(v2.mean()), rel=1e-5)
+    assert float(loss(mask + 5.0 * (1 - mask))) != pytest.approx(float(v2.mean()), rel=1e-3)
+
+
+def test_bad_inpaint_keep_weight_is_refused_before_any_work(tmp_path, capsys):
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path), "--inpaint-keep-weight", bad])
+        assert "--inpaint-keep-weight" in capsys.readouterr().err and not (tmp_path / "toy-sd").exists()

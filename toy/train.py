@@ -285,14 +285,17 @@ def encode_all(vae, images: np.ndarray, bs=64) -> torch.Tensor:
 
 # ---------------------------------------------------------------- phase 2: UNet + text encoder
 
-def diffusion_loss(unet, z0, ctx, acp, gen, extra=None, recorder=None, weight=None):
-    """v-prediction MSE at uniform timesteps (weight: (B,) per-sample weights); also returns the timesteps."""
+def diffusion_loss(unet, z0, ctx, acp, gen, extra=None, recorder=None, weight=None, cell_weight=None):
+    """v-prediction MSE at uniform timesteps; also returns the timesteps. weight: (B,) per-sample weights;
+    cell_weight: (B, 1, h, w) per-latent-cell weights, the loss a weighted mean over cells."""
     t = torch.randint(0, len(acp), (z0.shape[0],), generator=gen)
     noise = torch.randn(z0.shape, generator=gen)
     x = add_noise(z0, noise, t, acp)
     if extra is not None:
         x = torch.cat([x, extra], dim=1)
     pred, target = unet(x, t, ctx, recorder=recorder), get_velocity(z0, noise, t, acp)
+    if cell_weight is not None:
+        return ((pred - target).pow(2) * cell_weight).mean() / cell_weight.mean(), t
     if weight is None:
         return F.mse_loss(pred, target), t
     per_sample = (pred - target).pow(2).mean((1, 2, 3))
@@ -529,9 +532,14 @@ def inpaint_data(vae, scale, images, labels, scenes, n, seed, bs=64):
 
 
 def train_inpaint(main_unet, te, latents, scenes, data, tokens, steps, seed, bs=32, lr=5e-4, budget_s=None,
-                  log_every=50, resume=None):
+                  log_every=50, resume=None, keep_weight=1.0):
     """Phase 3: the 9-channel inpainting UNet, initialised from ``main_unet`` as SD's was, or, with
-    ``resume`` (an inpainting UNet trained earlier with the same text encoder), continued from it."""
+    ``resume`` (an inpainting UNet trained earlier with the same text encoder), continued from it.
+
+    keep_weight: the loss weight of the latent cells outside the mask, relative to those inside. SD's
+    recipe is 1 (a uniform loss); more makes the UNet learn sooner to hand back the kept cells unchanged,
+    which SD's inpainting UNet does after its 595k steps and this one, after a few thousand, does not
+    (what it changes there is C_non)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 5)
     rng = np.random.default_rng([seed, 5])
@@ -559,7 +567,8 @@ def train_inpaint(main_unet, te, latents, scenes, data, tokens, steps, seed, bs=
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 50)
         extra = torch.cat([masks[j], masked[j]], dim=1)
-        loss, _ = diffusion_loss(unet, latents[torch.from_numpy(idx)[j]], ctx, acp, gen, extra)
+        cells = None if keep_weight == 1.0 else masks[j] + keep_weight * (1 - masks[j])
+        loss, _ = diffusion_loss(unet, latents[torch.from_numpy(idx)[j]], ctx, acp, gen, extra, cell_weight=cells)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -574,7 +583,7 @@ def train_inpaint(main_unet, te, latents, scenes, data, tokens, steps, seed, bs=
             log(f"inpaint {step}/{steps} loss {np.mean(hist[-log_every:]):.4f} ({t():.0f}s)")
     ema.copy_to()
     unet.eval().requires_grad_(False)
-    return unet, {"steps": steps, "batch": bs, "lr": lr,
+    return unet, {"steps": steps, "batch": bs, "lr": lr, "keep_weight": keep_weight,
                   "final_loss": float(np.mean(hist[-100:])) if hist else None,
                   "loss_first_100": float(np.mean(hist[:100])) if hist else None, "seconds": round(t(), 1)}
 
@@ -750,6 +759,9 @@ def main(argv=None) -> None:
                    help="masked images encoded for inpainting (at most --scenes: one per scene)")
     p.add_argument("--inpaint-steps", type=int, default=7000)
     p.add_argument("--inpaint-lr", type=float, default=5e-4, help="phase 3 peak learning rate")
+    p.add_argument("--inpaint-keep-weight", type=float, default=1.0,
+                   help="phase 3 loss weight of the latent cells outside the mask, relative to those inside (1: "
+                        "SD's uniform loss)")
     p.add_argument("--inpaint-resume", default=None,
                    help="phase 3 continues the inpainting UNet of this toy-sd-inpaint folder (trained with the same "
                         "text encoder) for --inpaint-steps, on freshly drawn masks and its own sample order")
@@ -768,6 +780,8 @@ def main(argv=None) -> None:
         a.object_sizes = world.check_object_sizes(a.object_sizes)
     except ValueError as e:
         p.error(f"--object-sizes: {e}")
+    if not (math.isfinite(a.inpaint_keep_weight) and a.inpaint_keep_weight > 0):
+        p.error(f"--inpaint-keep-weight {a.inpaint_keep_weight}: must be a positive number")
     if a.grow_resume and not a.unet_from:
         p.error("--grow-resume continues the grown UNet of --unet-from: pass --unet-from")
     torch.set_num_threads(a.threads)
@@ -878,7 +892,8 @@ def main(argv=None) -> None:
                                   "kinds": {k: data[3].count(k) for k in ("object", "background", "random", "full")}}
         remaining = None if budget is None else budget - clock() - 60
         inp, phases["inpaint"] = train_inpaint(base, te, latents, scenes, data, tokens, a.inpaint_steps, seed3,
-                                               lr=a.inpaint_lr, budget_s=remaining, resume=resume)
+                                               lr=a.inpaint_lr, budget_s=remaining, resume=resume,
+                                               keep_weight=a.inpaint_keep_weight)
         if a.inpaint_resume:  # keep the earlier run's record (toy-sd's log holds it) beside this one
             phases["inpaint"]["resumed_from"] = a.inpaint_resume
             if earlier is not None:

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from . import checks, compvis, hub
-from .errors import WeightsError
+from .errors import WeightsError, one_line
 from .sources import DEFAULT_MODEL, bundled_tokenizer, locate, tokenizer_dir
 ALL = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -54,13 +54,13 @@ def open_checkpoint(path: Path) -> dict[str, Getter]:
             f = safe_open(str(path), framework="pt", device="cpu")
             keys = list(f.keys())
         except Exception as e:
-            raise WeightsError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+            raise WeightsError(f"{path}: not a readable safetensors file ({one_line(e, 200)})") from None
         return {k: (lambda k=k: _get(f, k, path)) for k in keys}
     if path.suffix in (".ckpt", ".bin", ".pt", ".pth"):
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise WeightsError(f"{path}: cannot be read as a weights-only checkpoint ({_one_line(e)})") from None
+            raise WeightsError(f"{path}: cannot be read as a weights-only checkpoint ({one_line(e, 200)})") from None
         obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
         if not isinstance(obj, dict):
             raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict")
@@ -72,18 +72,14 @@ def _get(f, key: str, path: Path) -> torch.Tensor:
     try:
         return f.get_tensor(key)
     except Exception as e:  # a truncated file fails here, not at open
-        raise WeightsError(f"{path}: tensor '{key}' cannot be read ({_one_line(e)})") from None
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__
+        raise WeightsError(f"{path}: tensor '{key}' cannot be read ({one_line(e, 200)})") from None
 
 
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8; RecursionError: deep nesting
-        raise WeightsError(f"{path}: not valid JSON ({_one_line(e)})") from None
+        raise WeightsError(f"{path}: not valid JSON ({one_line(e, 200)})") from None
 
 
 def _read_config(path: Path) -> dict:
@@ -106,14 +102,14 @@ def build(component: str, tensors: dict[str, Getter], label: str, config: dict |
         for k, v in (overrides or {}).items():
             setattr(cfg, k, v)
     except (ValueError, TypeError, AttributeError) as e:  # the config classes' own refusals, wrong types
-        raise WeightsError(f"{config_label}: unsupported config ({_one_line(e)})") from None
+        raise WeightsError(f"{config_label}: unsupported config ({one_line(e, 200)})") from None
     checks.check_config(cfg, config_label)
     try:
         with torch.device("meta"):
             model = cls(cfg)
     except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:  # e.g. heads not dividing the width
         raise WeightsError(f"{config_label}: the config does not describe a buildable {component} "
-                           f"({_one_line(e)})") from None
+                           f"({one_line(e, 200)})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tensors = {k: g for k, g in tensors.items() if not k.endswith("position_ids")}  # a buffer in HF, not a weight
 
@@ -146,7 +142,7 @@ def build(component: str, tensors: dict[str, Getter], label: str, config: dict |
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # whatever strict loading still finds wrong in the checkpoint
-        raise WeightsError(f"{label}: cannot load the weights ({_one_line(e)})") from None
+        raise WeightsError(f"{label}: cannot load the weights ({one_line(e, 200)})") from None
     return model.eval().requires_grad_(False)
 
 
@@ -206,7 +202,7 @@ def load_tokenizer(folder: Path):
     try:
         return Tokenizer.from_folder(folder)
     except Exception as e:
-        raise WeightsError(f"{folder}: cannot load the CLIP tokenizer ({_one_line(e)})") from None
+        raise WeightsError(f"{folder}: cannot load the CLIP tokenizer ({one_line(e, 200)})") from None
 
 
 # ---------------------------------------------------------------- the CompVis single file
@@ -239,7 +235,7 @@ def check_scheduler_config(config: dict, path: Path | str) -> None:
     try:
         cfg = SchedulerConfig.from_dict(config)
     except (ValueError, TypeError) as e:
-        raise WeightsError(f"{path}: unsupported scheduler config ({_one_line(e)})") from None
+        raise WeightsError(f"{path}: unsupported scheduler config ({one_line(e, 200)})") from None
     checks.check_config(cfg, str(path))
 
 
