@@ -186,11 +186,29 @@ def test_page_errors_then_edit(server, browser, tmp_path):
         line = status_after_click()
         assert line == cli_error(bad, "--edit=a blue circle", out) and says in line, line
 
-    # the server kept serving: one toy edit, 10 steps
+    # the server kept serving: one toy edit, 30 steps, watched while it runs: every 50 ms a script in the
+    # page notes the status line and the steps strip's picture whenever either changes
     click("#input-image button[aria-label='Remove Image']")
     upload(scene)
+    set_value("#opt-steps input", "30")
+    d.execute_script("""
+        window.seen = [];
+        window.watch = setInterval(() => {
+            const v = document.querySelector('#status textarea').value;
+            const img = document.querySelector('#steps img');
+            const now = [v, img ? img.getAttribute('src') : null];
+            const last = window.seen[window.seen.length - 1];
+            if (!last || last[0] !== now[0] || last[1] !== now[1]) window.seen.push(now);
+        }, 50);""")
     status = status_after_click()
     assert status.startswith("done in"), status
+    seen = d.execute_script("clearInterval(window.watch); return window.seen;")
+    live = [i for i, (v, _) in enumerate(seen) if v.startswith("step ")]
+    # the live view: before the result, the status counted the steps and the strip showed the mask so far
+    assert live and all(seen[i][0].endswith(": the mask so far") and seen[i][1] for i in live), seen
+    assert live[-1] < next(i for i, (v, _) in enumerate(seen) if v.startswith("done")), seen
+    counts = [int(seen[i][0].split()[1].rstrip(":")) for i in live]
+    assert counts == sorted(counts) and counts[-1] <= 30, counts
     for part in ("result", "mask", "soft-mask", "attention", "steps"):
         img = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{part} img"))[0]
         wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
