@@ -1,8 +1,9 @@
 """The web page (page.py). Without a browser: the page's values become the CLI's flags, and bad values
 give the CLI's error line. In a real headless browser: start the server on a free port, show the CLI's
 error line for bad input (no image, an out-of-range value, an empty edit, an image over the pixel limit,
-a file that is not an image) while the server keeps serving, then run one toy edit and check that the
-result, the masks and the figures appear.
+a file that is not an image) while the server keeps serving, then run one toy edit, check that while it
+runs the page shows the steps and the mask so far, and that then the result, the masks and the figures
+appear.
 
 Needs Gradio (requirements-page.txt), selenium (requirements-dev.txt) and Debian's chromium and
 chromium-driver (.ci/run installs them); skipped with the reason where one is missing. The screenshot
