@@ -104,6 +104,9 @@ def test_inpaint_resume_continues_the_given_unet(tmp_path, one_thread):
     assert record["resumed_from"] == str(shipped) and record["steps"] == 1
     shipped_log = json.loads((ROOT / "assets" / "toy-sd" / "training_log.json").read_text())
     assert record["earlier"] == shipped_log["phases"]["inpaint"]  # the shipped run's own record, carried over
+    grow = json.loads((tmp_path / "r1" / "toy-sd" / "training_log.json").read_text())["phases"]["grow"]
+    assert shipped_log["phases"]["grow"]["steps"] > 0  # the shipped UNet's own phase 2b
+    assert grow == {"steps": 0, "reused_from": str(ROOT / "assets" / "toy-sd"), "record": shipped_log["phases"]["grow"]}
 
 
 def test_grow_resume_continues_the_shipped_grown_unet(tmp_path, one_thread):

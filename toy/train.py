@@ -848,6 +848,10 @@ def main(argv=None) -> None:
     # phase 2b: grow the base UNet to cross-attention at every level and train it with the text encoder
     # frozen, so the inpainting UNet (conditioned on the same text encoder) stays valid
     unet, phases["grow"] = base, {"steps": 0}
+    if is_grown(base):  # grown earlier (--unet-from): keep that run's phase 2b record beside the reused UNet
+        rec = earlier.get("grow") if earlier is not None else None
+        phases["grow"] = {"steps": 0, "reused_from": a.unet_from,
+                          "record": rec.get("record", rec) if rec and rec.get("steps") == 0 else rec}
     if a.grow_steps > 0 or a.grow_minutes:
         # seed + 1: its own sample order, not phase 2's again; a resumed run seed + 5, not the first 2b run's
         seed2b = a.seed + (5 if a.grow_resume else 1)
