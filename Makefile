@@ -71,9 +71,8 @@ eval-toy: $(RUNTIME)
 table1: $(RUNTIME)
 	OMP_NUM_THREADS=1 $(BIN)/python -m toy.benchmark --table1 --methods-n 16 --out runs/table1-toy
 
-# retrain the bundled toy model from its seed (estimated 2 h 40 min on one CPU thread; assets/TRAINING.md)
-# the recipe from seed 0, then the shipped inpainting UNet's continuation with the kept cells weighted 4x
-# (assets/TRAINING.md)
+# retrain the bundled toy model from its seed: the recipe, then the inpainting UNet's continuation with
+# the loss on the cells it keeps weighted 4x (estimated 3 h 30 min on one CPU thread; assets/TRAINING.md)
 toy-model: $(RUNTIME)
 	$(BIN)/python -m toy.train --out assets --seed 0
 	$(BIN)/python -m toy.train --out assets --seed 0 --vae-from assets/toy-sd --unet-from assets/toy-sd \

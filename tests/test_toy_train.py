@@ -13,7 +13,7 @@ import torch
 
 from model.unet import UNet2DConditionModel, UNetConfig
 from toy.train import (BASE_UNET_CONFIG, SCHEDULER, UNET_CONFIG, MapRecorder, diffusion_loss, edit_phrase, grow_unet,
-                       ldm_init, main)
+                       keep_cell_weights, ldm_init, main)
 from sampler.schedule import NoiseSchedule
 from weights import load
 
@@ -158,12 +158,13 @@ def test_inpaint_keep_weight_weights_the_cells_outside_the_mask():
     noise = torch.randn(z0.shape, generator=g)
     a = acp[t].double().view(3, 1, 1, 1)
     v2 = (a.sqrt() * noise - (1 - a).sqrt() * z0).pow(2).mean(1, keepdim=True)  # per cell, over channels
-    for w in (1.0, 5.0):
-        cells = mask + w * (1 - mask)
-        expected = float((v2 * cells).sum() / cells.sum())
-        assert float(loss(cells)) == pytest.approx(expected, rel=1e-5)
+    assert keep_cell_weights(mask, 1.0) is None  # SD's uniform loss
     assert float(loss(None)) == pytest.approx(float(v2.mean()), rel=1e-5)
-    assert float(loss(mask + 5.0 * (1 - mask))) != pytest.approx(float(v2.mean()), rel=1e-3)
+    cells = keep_cell_weights(mask, 5.0)
+    assert torch.equal(cells, torch.where(mask > 0, 1.0, 5.0))  # the kept cells (mask 0) weigh 5
+    expected = float((v2 * cells).sum() / cells.sum())
+    assert float(loss(cells)) == pytest.approx(expected, rel=1e-5)
+    assert float(loss(cells)) != pytest.approx(float(v2.mean()), rel=1e-3)
 
 
 def test_bad_inpaint_keep_weight_is_refused_before_any_work(tmp_path, capsys):

@@ -531,6 +531,12 @@ def inpaint_data(vae, scale, images, labels, scenes, n, seed, bs=64):
     return idx, masks, torch.cat(masked), kinds, objs
 
 
+def keep_cell_weights(masks: torch.Tensor, keep_weight: float) -> torch.Tensor | None:
+    """Per-latent-cell loss weights for phase 3: 1 inside the mask (1 = repaint), keep_weight outside it,
+    where the UNet must hand the masked-image latents back; None for 1 (SD's uniform loss)."""
+    return None if keep_weight == 1.0 else masks + keep_weight * (1 - masks)
+
+
 def train_inpaint(main_unet, te, latents, scenes, data, tokens, steps, seed, bs=32, lr=5e-4, budget_s=None,
                   log_every=50, resume=None, keep_weight=1.0):
     """Phase 3: the 9-channel inpainting UNet, initialised from ``main_unet`` as SD's was, or, with
@@ -567,8 +573,8 @@ def train_inpaint(main_unet, te, latents, scenes, data, tokens, steps, seed, bs=
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 50)
         extra = torch.cat([masks[j], masked[j]], dim=1)
-        cells = None if keep_weight == 1.0 else masks[j] + keep_weight * (1 - masks[j])
-        loss, _ = diffusion_loss(unet, latents[torch.from_numpy(idx)[j]], ctx, acp, gen, extra, cell_weight=cells)
+        loss, _ = diffusion_loss(unet, latents[torch.from_numpy(idx)[j]], ctx, acp, gen, extra,
+                                 cell_weight=keep_cell_weights(masks[j], keep_weight))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
