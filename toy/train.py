@@ -843,9 +843,7 @@ def main(argv=None) -> None:
             sys.exit(f"error: --grow-resume: --unet-from {a.unet_from} holds a base UNet, not a grown one")
         prev = Path(a.unet_from) / "training_log.json"
         earlier = json.loads(prev.read_text())["phases"] if prev.is_file() else None
-        rec = earlier["unet"] if earlier is not None else None
-        # a folder that itself reused its UNet holds the training record one level down
-        phases["unet"] = {"reused_from": a.unet_from, "record": rec.get("record", rec) if rec else None}
+        phases["unet"] = {"reused_from": a.unet_from, "record": reused_record(earlier, "unet")}
     else:
         base, te, phases["unet"] = train_unet(latents, scenes, labels, tokens, a.unet_steps, a.seed,
                                               token_weight=a.token_loss, pixel_weight=a.pixel_loss,
@@ -855,9 +853,7 @@ def main(argv=None) -> None:
     # frozen, so the inpainting UNet (conditioned on the same text encoder) stays valid
     unet, phases["grow"] = base, {"steps": 0}
     if is_grown(base):  # grown earlier (--unet-from): keep that run's phase 2b record beside the reused UNet
-        rec = earlier.get("grow") if earlier is not None else None
-        phases["grow"] = {"steps": 0, "reused_from": a.unet_from,
-                          "record": rec.get("record", rec) if rec and rec.get("steps") == 0 else rec}
+        phases["grow"] = {"steps": 0, "reused_from": a.unet_from, "record": reused_record(earlier, "grow")}
     if a.grow_steps > 0 or a.grow_minutes:
         # seed + 1: its own sample order, not phase 2's again; a resumed run seed + 5, not the first 2b run's
         seed2b = a.seed + (5 if a.grow_resume else 1)
@@ -931,6 +927,13 @@ def main(argv=None) -> None:
     }
     _write_json(out_main / "training_log.json", report)
     log(f"done in {clock() / 60:.1f} min; {report['bytes_total'] / 1e6:.1f} MB written")
+
+
+def reused_record(earlier: dict | None, phase: str) -> dict | None:
+    """The training record of `phase` in the phases of the run whose folder this run reuses (None if it
+    left no log); a run that had itself reused the phase holds the record one level down."""
+    rec = earlier.get(phase) if earlier is not None else None
+    return rec.get("record", rec) if rec else None
 
 
 def _cpu_name() -> str:
