@@ -13,7 +13,7 @@ import torch
 
 from model.unet import UNet2DConditionModel, UNetConfig
 from toy.train import (BASE_UNET_CONFIG, SCHEDULER, UNET_CONFIG, MapRecorder, diffusion_loss, edit_phrase, grow_unet,
-                       keep_cell_weights, ldm_init, main)
+                       grounding_losses, keep_cell_weights, ldm_init, main)
 from sampler.schedule import NoiseSchedule
 from weights import load
 
@@ -165,6 +165,31 @@ def test_inpaint_keep_weight_weights_the_cells_outside_the_mask():
     expected = float((v2 * cells).sum() / cells.sum())
     assert float(loss(cells)) == pytest.approx(expected, rel=1e-5)
     assert float(loss(cells)) != pytest.approx(float(v2.mean()), rel=1e-3)
+
+
+def test_pixel_loss_per_word_is_one_bce_per_word():
+    """The pixel grounding loss against a BCE written out here: by default one term per region, on the
+    probability summed over the words naming it; per word, one term per word on its own probability
+    (a word of two BPE tokens: their sum). Two layers, two heads, a 2x2 grid, 6 token positions."""
+    g = torch.Generator().manual_seed(0)
+    probs = [torch.softmax(torch.randn(1, 2, 4, 6, generator=g), -1) for _ in range(2)]
+    cov = torch.tensor([[[1.0, 1.0, 0.5, 0.0], [0.0, 0.0, 0.5, 1.0]]])  # background, object 1
+    targets = [[([1], 1), ([2, 3], 1), ([4], 0)]]  # colour word, a two-token shape word, "background"
+    a = (probs[0] + probs[1]).mean(1)[0] / 2  # (cells, tokens): mean over layers and heads
+
+    def bce(p, c):
+        p = p.clamp(1e-6, 1 - 1e-6)
+        return float(-(c * p.log() + (1 - c) * (1 - p).log()).mean())
+
+    summed = (bce(a[:, 1:4].sum(1), cov[0, 1]) + bce(a[:, 4], cov[0, 0])) / 2
+    each = (bce(a[:, 1], cov[0, 1]) + bce(a[:, 2:4].sum(1), cov[0, 1]) + bce(a[:, 4], cov[0, 0])) / 3
+    keep = torch.tensor([True])
+    tok, pix = grounding_losses(probs, cov, targets, keep)
+    tok_w, pix_w = grounding_losses(probs, cov, targets, keep, per_word=True)
+    assert float(pix) == pytest.approx(summed, rel=1e-5)
+    assert float(pix_w) == pytest.approx(each, rel=1e-5)
+    assert summed != pytest.approx(each, rel=1e-3)
+    assert float(tok_w) == float(tok)  # the token loss is per word either way
 
 
 def test_bad_inpaint_keep_weight_is_refused_before_any_work(tmp_path, capsys):

@@ -339,7 +339,8 @@ def word_targets(scene, words) -> list[tuple[list[int], int]]:
     return [(pos, names[w]) for w, pos in words if w in names]
 
 
-def grounding_losses(probs: list[torch.Tensor], cov: torch.Tensor, targets, keep: torch.Tensor):
+def grounding_losses(probs: list[torch.Tensor], cov: torch.Tensor, targets, keep: torch.Tensor,
+                     per_word: bool = False):
     """TokenCompose's two grounding losses (Wang et al., CVPR 2024) on the maps of one grid (g x g).
 
     probs: per layer (B, heads, g*g, 77); cov: (B, regions, g*g) fraction of each cell covered
@@ -350,6 +351,10 @@ def grounding_losses(probs: list[torch.Tensor], cov: torch.Tensor, targets, keep
     * pixel loss: binary cross-entropy between the attention probability a cell gives to the words
       naming a region (summed over those words) and the cell's coverage by that region. Without it
       the token loss alone is gamed: the words' maps shrink to near-zero mass with a few spikes.
+      per_word: one BCE per word, on that word's own probability (summed over its BPE tokens), as
+      TokenCompose has it for its one noun per object. With two words per object, the sum lets one
+      word take all of the object's attention (the colour word did, and the shape word's 16x16 map
+      stopped localising); per word, both are pushed up, and they share the object's attention.
     """
     a = torch.stack(probs).mean((0, 2))  # (B, 256, 77)
     an = a / a.sum(1, keepdim=True).clamp_min(1e-8)  # each token's map as a distribution over cells
@@ -361,7 +366,8 @@ def grounding_losses(probs: list[torch.Tensor], cov: torch.Tensor, targets, keep
         for pos, region in tg:
             tok.append(1 - (an[b][:, pos].mean(1) * cov[b, region]).sum())
             regions.setdefault(region, []).extend(pos)
-        for region, pos in regions.items():
+        groups = [(region, pos) for pos, region in tg] if per_word else regions.items()
+        for region, pos in groups:
             p = a[b][:, sorted(set(pos))].sum(1).clamp(1e-6, 1 - 1e-6)
             pix.append(F.binary_cross_entropy(p, cov[b, region]))
     zero = a.sum() * 0
@@ -377,7 +383,7 @@ def region_cover(labels: np.ndarray, grid: int = 16) -> torch.Tensor:
 
 def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, budget_s=None, log_every=50,
                token_weight=0.1, pixel_weight=0.1, token_max_t=800, edit_phrases=0.0, te=None,
-               config=BASE_UNET_CONFIG, init=None, grids=(16,), name="unet"):
+               config=BASE_UNET_CONFIG, init=None, grids=(16,), name="unet", pixel_per_word=False):
     """Trains a UNet of `config` and, unless a trained text encoder `te` is given (then frozen), a text
     encoder with it. init: a trained UNet whose weights the new one starts from (grow_unet); grids: the
     grids whose cross-attention maps the grounding losses shape."""
@@ -421,7 +427,8 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
                        [(pos, r) for w, pos in tokens.words(c) if w not in ("a", "an")]
                        for i, c, r in zip(idx, caps, edit_region)]
             # each grid's losses on its own maps, averaged over the grids: every level localises
-            per_grid = [grounding_losses(probs, region_cover(labels[idx.numpy()], g), targets, tt < token_max_t)
+            per_grid = [grounding_losses(probs, region_cover(labels[idx.numpy()], g), targets, tt < token_max_t,
+                                         per_word=pixel_per_word)
                         for g, probs in rec.probs.items()]
             tl, pl = (torch.stack(v).mean() for v in zip(*per_grid))
             total = loss + token_weight * tl + pixel_weight * pl
@@ -449,6 +456,7 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
                       "grounding_grids": list(grids),
                       "initialised_from": None if init is None else ("grown UNet" if is_grown(init) else "base UNet"),
                       "token_loss_weight": token_weight, "pixel_loss_weight": pixel_weight,
+                      "pixel_loss_per_word": pixel_per_word,
                       "grounding_loss_max_t": token_max_t, "edit_phrases": edit_phrases,
                       "final_token_loss": float(np.mean(thist[-100:])) if thist else None,
                       "token_loss_first_100": float(np.mean(thist[:100])) if thist else None,
@@ -758,6 +766,9 @@ def main(argv=None) -> None:
     p.add_argument("--pixel-loss", type=float, default=0.2,
                    help="weight of the pixel grounding loss on the 16x16 maps (0: off; the shipped UNet of "
                         "2026-11-28 was trained with 0)")
+    p.add_argument("--pixel-loss-per-word", action="store_true",
+                   help="the pixel loss on each word's own attention (TokenCompose's form) instead of the sum over "
+                        "the words that name a region (see grounding_losses)")
     p.add_argument("--edit-phrases", type=float, default=0.2,
                    help="share of UNet samples whose caption is an edit text (one attribute changed), "
                         "trained with the grounding losses only (0: off)")
@@ -847,7 +858,7 @@ def main(argv=None) -> None:
     else:
         base, te, phases["unet"] = train_unet(latents, scenes, labels, tokens, a.unet_steps, a.seed,
                                               token_weight=a.token_loss, pixel_weight=a.pixel_loss,
-                                              edit_phrases=a.edit_phrases,
+                                              pixel_per_word=a.pixel_loss_per_word, edit_phrases=a.edit_phrases,
                                               budget_s=None if remaining is None else 0.64 * remaining)
     # phase 2b: grow the base UNet to cross-attention at every level and train it with the text encoder
     # frozen, so the inpainting UNet (conditioned on the same text encoder) stays valid
@@ -859,6 +870,7 @@ def main(argv=None) -> None:
         seed2b = a.seed + (5 if a.grow_resume else 1)
         unet, _, phases["grow"] = train_unet(latents, scenes, labels, tokens, a.grow_steps, seed2b,
                                              lr=a.grow_lr, token_weight=a.token_loss, pixel_weight=a.pixel_loss,
+                                             pixel_per_word=a.pixel_loss_per_word,
                                              edit_phrases=a.edit_phrases, te=te, config=UNET_CONFIG, init=base,
                                              grids=ALL_GRIDS, name="grow",
                                              budget_s=None if a.grow_minutes is None else 60 * a.grow_minutes)
