@@ -13,7 +13,8 @@ import torch
 
 from model.unet import UNet2DConditionModel, UNetConfig
 from toy.train import (BASE_UNET_CONFIG, SCHEDULER, UNET_CONFIG, MapRecorder, diffusion_loss, edit_phrase, grow_unet,
-                       grounding_losses, keep_cell_weights, ldm_init, main)
+                       grounding_losses, keep_cell_weights, ldm_init, main,
+                       make_inpaint_mask)
 from sampler.schedule import NoiseSchedule
 from weights import load
 
@@ -192,8 +193,44 @@ def test_pixel_loss_per_word_is_one_bce_per_word():
     assert float(tok_w) == float(tok)  # the token loss is per word either way
 
 
+def test_background_masks_reach_into_the_objects_only_with_bg_dilate():
+    """--inpaint-bg-dilate N: a background mask is the background grown by 0..N px (checked against a
+    dilation by a square window written here), so it covers object edges; 0 gives the exact background
+    on the latent grid."""
+    scene = world.scene_from_seed(5)
+    _, masks, bg = world.render(scene, 128)
+    lab = np.zeros((128, 128), np.int8)
+    for i, m in enumerate(masks):
+        lab[m] = i + 1
+
+    def on_grid(m):  # the latent-grid rule of make_inpaint_mask (a 4x4 block is masked when > half is)
+        return m.reshape(32, 4, 32, 4).mean((1, 3)) > 0.5
+
+    def grown(r):
+        pad = np.pad(lab == 0, r)
+        return np.any([pad[dy:dy + 128, dx:dx + 128] for dy in range(2 * r + 1) for dx in range(2 * r + 1)], 0)
+
+    def background_masks(bg_dilate, seed):
+        rng, out = np.random.default_rng(seed), []
+        while len(out) < 12:
+            lm, kind, _ = make_inpaint_mask(scene, lab, rng, bg_dilate)
+            if kind == "background":
+                out.append(lm.numpy())
+        return out
+
+    exact = on_grid(lab == 0)
+    assert all(np.array_equal(m, exact) for m in background_masks(0, 0))
+    dilated = background_masks(8, 0)
+    allowed = [on_grid(grown(r)) for r in range(9)]
+    assert all(any(np.array_equal(m, a) for a in allowed) for m in dilated)
+    assert any(m.sum() > exact.sum() + 20 for m in dilated)  # object edges are masked
+
+
 def test_bad_inpaint_keep_weight_is_refused_before_any_work(tmp_path, capsys):
     for bad in ("0", "-1", "nan", "inf"):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path), "--inpaint-keep-weight", bad])
         assert "--inpaint-keep-weight" in capsys.readouterr().err and not (tmp_path / "toy-sd").exists()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--inpaint-bg-dilate", "-1"])
+    assert "--inpaint-bg-dilate" in capsys.readouterr().err and not (tmp_path / "toy-sd").exists()

@@ -471,8 +471,11 @@ def _dilate(m: torch.Tensor, r: int) -> torch.Tensor:
     return F.max_pool2d(m[None, None].float(), 2 * r + 1, 1, r)[0, 0] > 0.5 if r > 0 else m
 
 
-def make_inpaint_mask(scene, lab: np.ndarray, rng):
-    """-> (latent-grid mask (H/4, W/4) bool, kind, object index or None)."""
+def make_inpaint_mask(scene, lab: np.ndarray, rng, bg_dilate: int = 0):
+    """-> (latent-grid mask (H/4, W/4) bool, kind, object index or None).
+    bg_dilate: background masks grow 0..bg_dilate px into the objects (0: exactly the background). An
+    InstDiffEdit background mask reaches into the objects' edges, and the UNet must then restore those
+    edges, as object masks dilated into the background teach it to restore the background."""
     n = len(scene.objects)
     r = rng.random()
     yy, xx = np.mgrid[:SIZE, :SIZE]
@@ -487,8 +490,10 @@ def make_inpaint_mask(scene, lab: np.ndarray, rng):
             m = torch.from_numpy(box)
         else:
             m = _dilate(m, int(rng.integers(0, 9)))
-    elif r < 0.65:  # a quarter: the pipeline's background edits mask exactly this
+    elif r < 0.65:  # a quarter: the pipeline's background edits mask this
         kind, obj, m = "background", None, torch.from_numpy(lab == 0)
+        if bg_dilate > 0:  # drawn only then, so the recipe without it keeps its random stream
+            m = _dilate(m, int(rng.integers(0, bg_dilate + 1)))
     elif r < 0.90:
         kind, obj = "random", None
         m = np.zeros((SIZE, SIZE), bool)
@@ -520,13 +525,13 @@ def inpaint_caption(scene, kind, obj, rng) -> str:
 
 
 @torch.no_grad()
-def inpaint_data(vae, scale, images, labels, scenes, n, seed, bs=64):
+def inpaint_data(vae, scale, images, labels, scenes, n, seed, bs=64, bg_dilate=0):
     """n (scene index, latent mask, masked-image latent, kind, object) examples, each encoded once."""
     rng = np.random.default_rng([seed, 4])
     idx = rng.choice(len(images), n, replace=False)
     masks, kinds, objs = [], [], []
     for i in idx:
-        lm, kind, obj = make_inpaint_mask(scenes[i], labels[i], rng)
+        lm, kind, obj = make_inpaint_mask(scenes[i], labels[i], rng, bg_dilate)
         masks.append(lm)
         kinds.append(kind)
         objs.append(obj)
@@ -779,6 +784,9 @@ def main(argv=None) -> None:
     p.add_argument("--inpaint-keep-weight", type=float, default=1.0,
                    help="phase 3 loss weight of the latent cells outside the mask, relative to those inside (1: "
                         "SD's uniform loss)")
+    p.add_argument("--inpaint-bg-dilate", type=int, default=0,
+                   help="phase 3's background masks grow a random 0..N px into the objects, as InstDiffEdit's "
+                        "background masks do (0: exactly the background)")
     p.add_argument("--inpaint-resume", default=None,
                    help="phase 3 continues the inpainting UNet of this toy-sd-inpaint folder (trained with the same "
                         "text encoder) for --inpaint-steps, on freshly drawn masks and its own sample order")
@@ -799,6 +807,8 @@ def main(argv=None) -> None:
         p.error(f"--object-sizes: {e}")
     if not (math.isfinite(a.inpaint_keep_weight) and a.inpaint_keep_weight > 0):
         p.error(f"--inpaint-keep-weight {a.inpaint_keep_weight}: must be a positive number")
+    if a.inpaint_bg_dilate < 0:
+        p.error(f"--inpaint-bg-dilate {a.inpaint_bg_dilate}: must be 0 or more pixels")
     if a.grow_resume and not a.unet_from:
         p.error("--grow-resume continues the grown UNet of --unet-from: pass --unet-from")
     torch.set_num_threads(a.threads)
@@ -905,8 +915,10 @@ def main(argv=None) -> None:
         # a resumed run draws new masks and a new sample order (seed + 2), not the first run's again
         seed3 = a.seed + 2 if resume is not None else a.seed
         t = Timer()
-        data = inpaint_data(vae, scale, images, labels, scenes, a.inpaint_examples, seed3)
+        data = inpaint_data(vae, scale, images, labels, scenes, a.inpaint_examples, seed3,
+                            bg_dilate=a.inpaint_bg_dilate)
         phases["inpaint_data"] = {"examples": a.inpaint_examples, "seconds": round(t(), 1),
+                                  "background_dilation_px": a.inpaint_bg_dilate,
                                   "kinds": {k: data[3].count(k) for k in ("object", "background", "random", "full")}}
         remaining = None if budget is None else budget - clock() - 60
         inp, phases["inpaint"] = train_inpaint(base, te, latents, scenes, data, tokens, a.inpaint_steps, seed3,
