@@ -42,9 +42,10 @@ defaults):
 * Inpainting UNet: the same config with 9 input channels, cat([noisy latent, mask, masked-image
   latent]) as SD's, initialised from the trained UNet (extra input channels zero), with the
   frozen VAE and text encoder. Masks: an object's mask (dilated, or its box) with that object's
-  phrase (40%), the background mask with the background phrase (25%), random boxes / ellipses
-  (25%) and the whole image (10%) with the full caption, 10% empty captions. Masks live on the
-  latent grid (4x4 pixel blocks), as the pipeline's masks do.
+  phrase (40%), the background mask (grown into the objects with --inpaint-bg-dilate) with the
+  background phrase (25%), random boxes / ellipses (25%) and the whole image (10%) with the full
+  caption, 10% empty captions. Masks live on the latent grid (4x4 pixel blocks), as the pipeline's
+  masks do.
 
 UNet and text encoder weights are EMA averages (decay 0.999 with warm-up). Everything is seeded
 from --seed; with the default step counts a run is deterministic on a given machine / thread
