@@ -19,10 +19,11 @@ from toy.world import benchmark_cases
 # margin for platform-dependent float rounding over 25 guided steps.
 IOU_FLOOR = 0.45
 SUBSET = 20
-# Whole edits (mask + inpainting finish) on the first 12 cases: C_m / C_non measured 3.79 (the inpainting
-# UNet before its keep-weighted continuation gave 3.97, with the base UNet 3.62; 240 cases: 3.19
-# [2.89, 3.56]), so a regression in the inpainting UNet, its conditioning or the finish shows up here.
-RATE_FLOOR = 2.5
+# Whole edits (mask + inpainting finish) on the first 12 cases: C_m / C_non measured 4.30 with the shipped
+# inpainting UNet (3.79 before its continuation on background masks that reach into the objects, 3.97
+# before its keep-weighted one, 3.62 with the base UNet; 240 cases: 3.75 [3.37, 4.21]), so a regression
+# in the inpainting UNet, its conditioning or the finish shows up here.
+RATE_FLOOR = 3.0
 RATE_SUBSET = 12
 
 
