@@ -355,7 +355,8 @@ def grounding_losses(probs: list[torch.Tensor], cov: torch.Tensor, targets, keep
       per_word: one BCE per word, on that word's own probability (summed over its BPE tokens), as
       TokenCompose has it for its one noun per object. With two words per object, the sum lets one
       word take all of the object's attention (the colour word did, and the shape word's 16x16 map
-      stopped localising); per word, both are pushed up, and they share the object's attention.
+      stopped localising); per word, both are pushed up and both localise, but the benchmark got
+      worse (assets/TRAINING.md), so the shipped recipe keeps the sum.
     """
     a = torch.stack(probs).mean((0, 2))  # (B, 256, 77)
     an = a / a.sum(1, keepdim=True).clamp_min(1e-8)  # each token's map as a distribution over cells
