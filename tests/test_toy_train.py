@@ -198,7 +198,7 @@ def test_background_masks_reach_into_the_objects_only_with_bg_dilate():
     dilation by a square window written here), so it covers object edges; 0 gives the exact background
     on the latent grid."""
     scene = world.scene_from_seed(5)
-    _, masks, bg = world.render(scene, 128)
+    _, masks, _ = world.render(scene, 128)
     lab = np.zeros((128, 128), np.int8)
     for i, m in enumerate(masks):
         lab[m] = i + 1
