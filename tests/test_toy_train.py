@@ -12,7 +12,8 @@ from toy import world
 import torch
 
 from model.unet import UNet2DConditionModel, UNetConfig
-from toy.train import (BASE_UNET_CONFIG, SCHEDULER, UNET_CONFIG, MapRecorder, diffusion_loss, edit_phrase, grow_unet,
+from toy.train import (BASE_UNET_CONFIG, SCHEDULER, UNET_CONFIG, MapRecorder, diffusion_loss, edit_phrase, edit_targets,
+                       grow_unet,
                        grounding_losses, keep_cell_weights, ldm_init, main,
                        make_inpaint_mask)
 from sampler.schedule import NoiseSchedule
@@ -26,17 +27,18 @@ def test_edit_phrase_changes_one_attribute_and_points_at_its_target():
     kinds = set()
     for seed in range(60):
         scene = world.scene_from_seed(seed)
-        text, region = edit_phrase(scene, rng)
+        text, region, kept = edit_phrase(scene, rng)
         used = {o.colour for o in scene.objects} | {scene.background}
         words = text.split()[1:]  # drop the article
         if region == 0:
-            assert words[1] == "background" and words[0] not in used, text
+            assert words[1] == "background" and words[0] not in used and kept is None, text
             kinds.add("background")
             continue
         o = scene.objects[region - 1]
         colour, shape = words
         kept_colour, kept_shape = colour == o.colour, shape == o.shape
         assert kept_colour != kept_shape, (text, o)  # exactly one attribute changed
+        assert kept == (o.shape if kept_shape else o.colour), (text, kept)
         if kept_shape:  # new colour, absent from the scene
             assert colour not in used, text
             kinds.add("colour")
@@ -45,6 +47,14 @@ def test_edit_phrase_changes_one_attribute_and_points_at_its_target():
             assert [p.colour for p in scene.objects].count(colour) == 1, text
             kinds.add("shape")
     assert kinds == {"background", "colour", "shape"}
+
+
+def test_edit_targets_ground_both_words_or_only_the_kept_one():
+    words = [("a", [1]), ("brown", [2]), ("triangle", [3, 4])]  # "triangle" as two BPE pieces
+    assert edit_targets(words, 2, "triangle") == [([2], 2), ([3, 4], 2)]
+    assert edit_targets(words, 2, "triangle", "kept") == [([3, 4], 2)]
+    bg = [("a", [1]), ("brown", [2]), ("background", [3])]  # a background edit has no kept word
+    assert edit_targets(bg, 0, None, "kept") == edit_targets(bg, 0, None) == [([2], 0), ([3], 0)]
 
 
 def test_grown_unet_starts_as_the_base_unet_with_maps_at_every_level(one_thread):

@@ -152,16 +152,33 @@ def training_caption(scene, rng) -> str:
     return background_phrase(scene)
 
 
-def edit_phrase(scene, rng) -> tuple[str, int]:
-    """An edit text for this scene and the region it points at (0 = background, i + 1 = object i).
+def edit_phrase(scene, rng) -> tuple[str, int, str | None]:
+    """An edit text for this scene, the region it points at (0 = background, i + 1 = object i) and, for
+    an object edit, the word that still names the object (its shape after a colour edit, its colour
+    after a shape edit; None for a background edit).
 
     Made with the benchmark's own edit rules (toy.world.new_colour / edit_object; training scenes, not
     benchmark seeds). The text does not describe the image, so these samples train only the grounding
     losses (see train_unet), never the diffusion loss."""
     k = int(rng.integers(len(scene.objects) + 1))
     if k == len(scene.objects):
-        return background_phrase(replace(scene, background=world.new_colour(scene, rng))), 0
-    return object_phrase(world.edit_object(scene, k, rng)[0]), k + 1
+        return background_phrase(replace(scene, background=world.new_colour(scene, rng))), 0, None
+    new, attr = world.edit_object(scene, k, rng)
+    return object_phrase(new), k + 1, new.shape if attr == "colour" else new.colour
+
+
+EDIT_GROUNDINGS = ("both", "kept")
+
+
+def edit_targets(words, region: int, kept: str | None, grounding: str = "both") -> list[tuple[list[int], int]]:
+    """Grounding targets of an edit phrase (see word_targets): its colour and shape words -> the region it
+    points at ("both"), or, with "kept", an object edit's kept word alone. The changed word of an object
+    edit names nothing in the image, and CLIP's causal text encoder gives it the same embedding whichever
+    object (or the background) the rest of the phrase points at ("a brown" in "a brown triangle" and "a
+    brown background"), so grounding it teaches a map the word cannot determine."""
+    if grounding == "kept" and kept is not None:
+        return [(pos, region) for w, pos in words if w == kept]
+    return [(pos, region) for w, pos in words if w not in ("a", "an")]
 
 
 class TokenCache:
@@ -385,10 +402,12 @@ def region_cover(labels: np.ndarray, grid: int = 16) -> torch.Tensor:
 
 def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, budget_s=None, log_every=50,
                token_weight=0.1, pixel_weight=0.1, token_max_t=800, edit_phrases=0.0, te=None,
-               config=BASE_UNET_CONFIG, init=None, grids=(16,), name="unet", pixel_per_word=False):
+               config=BASE_UNET_CONFIG, init=None, grids=(16,), name="unet", pixel_per_word=False,
+               edit_grounding="both"):
     """Trains a UNet of `config` and, unless a trained text encoder `te` is given (then frozen), a text
     encoder with it. init: a trained UNet whose weights the new one starts from (grow_unet); grids: the
-    grids whose cross-attention maps the grounding losses shape."""
+    grids whose cross-attention maps the grounding losses shape; edit_grounding: the edit phrases' grounded
+    words (edit_targets)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 3)
     rng = np.random.default_rng([seed, 3])
@@ -411,10 +430,10 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
         idx = torch.from_numpy(rng.integers(len(latents), size=bs))
         caps = [training_caption(scenes[int(i)], rng) for i in idx]
         # edit phrases (grounding only): region index, or None for an ordinary caption
-        edit_region = [None] * bs
+        edit_region, kept = [None] * bs, [None] * bs
         if edit_phrases > 0:
             for b in np.flatnonzero(rng.random(bs) < edit_phrases):
-                caps[b], edit_region[b] = edit_phrase(scenes[int(idx[b])], rng)
+                caps[b], edit_region[b], kept[b] = edit_phrase(scenes[int(idx[b])], rng)
         ids = tokens(caps)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 100)
@@ -426,8 +445,8 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
         total = loss
         if rec is not None:
             targets = [word_targets(scenes[int(i)], tokens.words(c)) if r is None else
-                       [(pos, r) for w, pos in tokens.words(c) if w not in ("a", "an")]
-                       for i, c, r in zip(idx, caps, edit_region)]
+                       edit_targets(tokens.words(c), r, k, edit_grounding)
+                       for i, c, r, k in zip(idx, caps, edit_region, kept)]
             # each grid's losses on its own maps, averaged over the grids: every level localises
             per_grid = [grounding_losses(probs, region_cover(labels[idx.numpy()], g), targets, tt < token_max_t,
                                          per_word=pixel_per_word)
@@ -460,6 +479,7 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
                       "token_loss_weight": token_weight, "pixel_loss_weight": pixel_weight,
                       "pixel_loss_per_word": pixel_per_word,
                       "grounding_loss_max_t": token_max_t, "edit_phrases": edit_phrases,
+                      "edit_grounding": edit_grounding,
                       "final_token_loss": float(np.mean(thist[-100:])) if thist else None,
                       "token_loss_first_100": float(np.mean(thist[:100])) if thist else None,
                       "final_pixel_loss": float(np.mean(phist[-100:])) if phist else None,
@@ -779,6 +799,9 @@ def main(argv=None) -> None:
     p.add_argument("--edit-phrases", type=float, default=0.2,
                    help="share of UNet samples whose caption is an edit text (one attribute changed), "
                         "trained with the grounding losses only (0: off)")
+    p.add_argument("--edit-grounding", choices=EDIT_GROUNDINGS, default="both",
+                   help="the edit phrases' words the grounding losses train: both the colour and the shape word, "
+                        "or an object edit's kept word alone (see edit_targets)")
     p.add_argument("--inpaint-examples", type=int, default=10000,
                    help="masked images encoded for inpainting (at most --scenes: one per scene)")
     p.add_argument("--inpaint-steps", type=int, default=7000)
@@ -871,6 +894,7 @@ def main(argv=None) -> None:
         base, te, phases["unet"] = train_unet(latents, scenes, labels, tokens, a.unet_steps, a.seed,
                                               token_weight=a.token_loss, pixel_weight=a.pixel_loss,
                                               pixel_per_word=a.pixel_loss_per_word, edit_phrases=a.edit_phrases,
+                                              edit_grounding=a.edit_grounding,
                                               budget_s=None if remaining is None else 0.64 * remaining)
     # phase 2b: grow the base UNet to cross-attention at every level and train it with the text encoder
     # frozen, so the inpainting UNet (conditioned on the same text encoder) stays valid
@@ -883,7 +907,8 @@ def main(argv=None) -> None:
         unet, _, phases["grow"] = train_unet(latents, scenes, labels, tokens, a.grow_steps, seed2b,
                                              lr=a.grow_lr, token_weight=a.token_loss, pixel_weight=a.pixel_loss,
                                              pixel_per_word=a.pixel_loss_per_word,
-                                             edit_phrases=a.edit_phrases, te=te, config=UNET_CONFIG, init=base,
+                                             edit_phrases=a.edit_phrases, edit_grounding=a.edit_grounding,
+                                             te=te, config=UNET_CONFIG, init=base,
                                              grids=ALL_GRIDS, name="grow",
                                              budget_s=None if a.grow_minutes is None else 60 * a.grow_minutes)
         if a.grow_resume:  # keep the run it continued (and that run's record) beside this one
