@@ -13,9 +13,7 @@ import torch
 
 from model.unet import UNet2DConditionModel, UNetConfig
 from toy.train import (BASE_UNET_CONFIG, SCHEDULER, UNET_CONFIG, MapRecorder, diffusion_loss, edit_phrase, edit_targets,
-                       grow_unet,
-                       grounding_losses, keep_cell_weights, ldm_init, main,
-                       make_inpaint_mask)
+                       grounding_losses, grow_unet, keep_cell_weights, ldm_init, main, make_inpaint_mask)
 from sampler.schedule import NoiseSchedule
 from weights import load
 
