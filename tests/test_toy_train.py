@@ -12,8 +12,8 @@ from toy import world
 import torch
 
 from model.unet import UNet2DConditionModel, UNetConfig
-from toy.train import (BASE_UNET_CONFIG, SCHEDULER, UNET_CONFIG, MapRecorder, diffusion_loss, edit_phrase, edit_targets,
-                       grounding_losses, grow_unet, keep_cell_weights, ldm_init, main, make_inpaint_mask)
+from toy.train import (BASE_UNET_CONFIG, SCHEDULER, UNET_CONFIG, MapRecorder, confusable_colour, diffusion_loss,
+                       edit_phrase, edit_targets, grounding_losses, grow_unet, keep_cell_weights, ldm_init, main, make_inpaint_mask)
 from sampler.schedule import NoiseSchedule
 from weights import load
 
@@ -45,6 +45,33 @@ def test_edit_phrase_changes_one_attribute_and_points_at_its_target():
             assert [p.colour for p in scene.objects].count(colour) == 1, text
             kinds.add("shape")
     assert kinds == {"background", "colour", "shape"}
+
+
+def test_confusable_colour_looks_like_another_object():
+    # red circle (the target) beside an orange square on white. Absent colours nearest orange (245, 140, 20)
+    # by hand: yellow (240, 220, 40) at 82.6, then brown at 141, pink at 170; red is taken.
+    scene = world.Scene("white", None, (world.Obj("circle", "red", 0.3, 0.5, 0.3, 0.0),
+                                         world.Obj("square", "orange", 0.7, 0.5, 0.3, 0.0)))
+    assert confusable_colour(scene, 0) == "yellow"
+    # seen from the square, the other object is red (220, 30, 30): brown (120, 75, 35) at 110, then orange
+    # at 113 (taken by the square itself) and grey at 166
+    assert confusable_colour(scene, 1) == "brown"
+
+
+def test_edit_phrase_with_confusable_colours_changes_only_colour_edits():
+    seen = 0
+    for seed in range(80):
+        scene = world.scene_from_seed(seed)
+        plain = edit_phrase(scene, np.random.default_rng(seed))
+        hard = edit_phrase(scene, np.random.default_rng(seed), confusable=1.0)
+        text, region, kept = hard
+        colour_edit = region > 0 and kept == scene.objects[region - 1].shape
+        if colour_edit and len(scene.objects) > 1:
+            assert text.split()[1] == confusable_colour(scene, region - 1) and hard[1:] == plain[1:], (plain, hard)
+            seen += 1
+        else:  # shape, background and one-object edits: as without the option
+            assert hard == plain
+    assert seen >= 5
 
 
 def test_edit_targets_ground_both_words_or_only_the_kept_one():

@@ -152,19 +152,34 @@ def training_caption(scene, rng) -> str:
     return background_phrase(scene)
 
 
-def edit_phrase(scene, rng) -> tuple[str, int, str | None]:
+def edit_phrase(scene, rng, confusable: float = 0.0) -> tuple[str, int, str | None]:
     """An edit text for this scene, the region it points at (0 = background, i + 1 = object i) and, for
     an object edit, the word that still names the object (its shape after a colour edit, its colour
     after a shape edit; None for a background edit).
 
     Made with the benchmark's own edit rules (toy.world.new_colour / edit_object; training scenes, not
     benchmark seeds). The text does not describe the image, so these samples train only the grounding
-    losses (see train_unet), never the diffusion loss."""
+    losses (see train_unet), never the diffusion loss. confusable: the share of colour edits, in scenes
+    with another object, whose new colour is instead a hard negative (confusable_colour); 0 draws exactly
+    the random numbers the shipped recipe drew."""
     k = int(rng.integers(len(scene.objects) + 1))
     if k == len(scene.objects):
         return background_phrase(replace(scene, background=world.new_colour(scene, rng))), 0, None
     new, attr = world.edit_object(scene, k, rng)
+    if attr == "colour" and confusable > 0 and len(scene.objects) > 1 and rng.random() < confusable:
+        new = replace(new, colour=confusable_colour(scene, k))
     return object_phrase(new), k + 1, new.shape if attr == "colour" else new.colour
+
+
+def confusable_colour(scene, k: int) -> str:
+    """The colour, absent from the scene, nearest (in RGB) to the colour of an object other than k.
+    Why: on the benchmark a colour edit's mask misses when the new colour word's map goes to the object
+    whose colour looks most like it (assets/TRAINING.md); with this colour the look points at the wrong
+    object, and only the shape word tells the UNet which one is meant."""
+    used = {o.colour for o in scene.objects} | {scene.background}
+    others = [world.COLOURS[o.colour] for i, o in enumerate(scene.objects) if i != k]
+    return min((c for c in world.COLOURS if c not in used),
+               key=lambda c: min(math.dist(world.COLOURS[c], rgb) for rgb in others))
 
 
 EDIT_GROUNDINGS = ("both", "kept")
@@ -405,11 +420,11 @@ def region_cover(labels: np.ndarray, grid: int = 16) -> torch.Tensor:
 def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, budget_s=None, log_every=50,
                token_weight=0.1, pixel_weight=0.1, token_max_t=800, edit_phrases=0.0, te=None,
                config=BASE_UNET_CONFIG, init=None, grids=(16,), name="unet", pixel_per_word=False,
-               edit_grounding="both"):
+               edit_grounding="both", confusable=0.0):
     """Trains a UNet of `config` and, unless a trained text encoder `te` is given (then frozen), a text
     encoder with it. init: a trained UNet whose weights the new one starts from (grow_unet); grids: the
     grids whose cross-attention maps the grounding losses shape; edit_grounding: the edit phrases' grounded
-    words (edit_targets)."""
+    words (edit_targets); confusable: their share of hard-negative colours (edit_phrase)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 3)
     rng = np.random.default_rng([seed, 3])
@@ -435,7 +450,7 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
         edit_region, kept = [None] * bs, [None] * bs
         if edit_phrases > 0:
             for b in np.flatnonzero(rng.random(bs) < edit_phrases):
-                caps[b], edit_region[b], kept[b] = edit_phrase(scenes[int(idx[b])], rng)
+                caps[b], edit_region[b], kept[b] = edit_phrase(scenes[int(idx[b])], rng, confusable)
         ids = tokens(caps)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 100)
@@ -481,7 +496,7 @@ def train_unet(latents, scenes, labels, tokens, steps, seed, bs=32, lr=1e-3, bud
                       "token_loss_weight": token_weight, "pixel_loss_weight": pixel_weight,
                       "pixel_loss_per_word": pixel_per_word,
                       "grounding_loss_max_t": token_max_t, "edit_phrases": edit_phrases,
-                      "edit_grounding": edit_grounding,
+                      "edit_grounding": edit_grounding, "confusable_colours": confusable,
                       "final_token_loss": float(np.mean(thist[-100:])) if thist else None,
                       "token_loss_first_100": float(np.mean(thist[:100])) if thist else None,
                       "final_pixel_loss": float(np.mean(phist[-100:])) if phist else None,
@@ -804,6 +819,9 @@ def main(argv=None) -> None:
     p.add_argument("--edit-grounding", choices=EDIT_GROUNDINGS, default="both",
                    help="the edit phrases' words the grounding losses train: both the colour and the shape word, "
                         "or an object edit's kept word alone (see edit_targets)")
+    p.add_argument("--confusable-colours", type=float, default=0.0,
+                   help="share of the edit phrases' colour edits (scenes with two or more objects) whose new "
+                        "colour is the absent one nearest another object's: a hard negative (confusable_colour)")
     p.add_argument("--inpaint-examples", type=int, default=10000,
                    help="masked images encoded for inpainting (at most --scenes: one per scene)")
     p.add_argument("--inpaint-steps", type=int, default=7000)
@@ -896,7 +914,7 @@ def main(argv=None) -> None:
         base, te, phases["unet"] = train_unet(latents, scenes, labels, tokens, a.unet_steps, a.seed,
                                               token_weight=a.token_loss, pixel_weight=a.pixel_loss,
                                               pixel_per_word=a.pixel_loss_per_word, edit_phrases=a.edit_phrases,
-                                              edit_grounding=a.edit_grounding,
+                                              edit_grounding=a.edit_grounding, confusable=a.confusable_colours,
                                               budget_s=None if remaining is None else 0.64 * remaining)
     # phase 2b: grow the base UNet to cross-attention at every level and train it with the text encoder
     # frozen, so the inpainting UNet (conditioned on the same text encoder) stays valid
@@ -910,7 +928,7 @@ def main(argv=None) -> None:
                                              lr=a.grow_lr, token_weight=a.token_loss, pixel_weight=a.pixel_loss,
                                              pixel_per_word=a.pixel_loss_per_word,
                                              edit_phrases=a.edit_phrases, edit_grounding=a.edit_grounding,
-                                             te=te, config=UNET_CONFIG, init=base,
+                                             confusable=a.confusable_colours, te=te, config=UNET_CONFIG, init=base,
                                              grids=ALL_GRIDS, name="grow",
                                              budget_s=None if a.grow_minutes is None else 60 * a.grow_minutes)
         if a.grow_resume:  # keep the run it continued (and that run's record) beside this one
