@@ -13,7 +13,8 @@ import torch
 
 from model.unet import UNet2DConditionModel, UNetConfig
 from toy.train import (BASE_UNET_CONFIG, SCHEDULER, UNET_CONFIG, MapRecorder, confusable_colour, diffusion_loss,
-                       edit_phrase, edit_targets, grounding_losses, grow_unet, keep_cell_weights, ldm_init, main, make_inpaint_mask)
+                       edit_phrase, edit_targets, grounding_losses, grow_unet, keep_cell_weights, ldm_init, main,
+                       make_inpaint_mask)
 from sampler.schedule import NoiseSchedule
 from weights import load
 

@@ -36,7 +36,9 @@ defaults):
   with captions alone the shape word's map lost its object on such texts (map IoU often 0). So a
   share of samples get such a text (built like the benchmark's, from training scenes) with both of
   its words grounded on the object (or the background) it points at. These samples train only the
-  grounding losses: the diffusion loss would teach the model to ignore colour words.
+  grounding losses: the diffusion loss would teach the model to ignore colour words. With
+  --confusable-colours, a share of their colour edits get a new colour that looks like another object's
+  (a hard negative), so the colour word's map must follow the shape word to the right object.
   Caveat: the toy benchmark then measures how InstDiffEdit turns well-grounded maps into masks,
   not whether grounding emerges unsupervised as it does in SD v1.4.
 * Inpainting UNet: the same config with 9 input channels, cat([noisy latent, mask, masked-image
@@ -161,7 +163,7 @@ def edit_phrase(scene, rng, confusable: float = 0.0) -> tuple[str, int, str | No
     benchmark seeds). The text does not describe the image, so these samples train only the grounding
     losses (see train_unet), never the diffusion loss. confusable: the share of colour edits, in scenes
     with another object, whose new colour is instead a hard negative (confusable_colour); 0 draws exactly
-    the random numbers the shipped recipe drew."""
+    the random numbers that the runs before the option drew."""
     k = int(rng.integers(len(scene.objects) + 1))
     if k == len(scene.objects):
         return background_phrase(replace(scene, background=world.new_colour(scene, rng))), 0, None
