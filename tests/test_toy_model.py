@@ -24,8 +24,9 @@ SUBSET = 20
 # models (4.30 before the UNet's hard-negative continuation, 3.79 before the inpainting UNet's
 # continuation on background masks that reach into the objects, 3.97 before its keep-weighted one, 3.62
 # with the base UNet; 240 cases: 3.84 [3.44, 4.30]), so a regression in the inpainting UNet, its
-# conditioning or the finish shows up here.
-RATE_FLOOR = 3.0
+# conditioning or the finish shows up here. The floor sits 30 % under the shipped figure and under every
+# shipped model's so far (the lowest: 3.62).
+RATE_FLOOR = 3.5
 RATE_SUBSET = 12
 
 
