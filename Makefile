@@ -75,15 +75,14 @@ table1: $(RUNTIME)
 # with the loss on the cells it keeps weighted 4x, then also on background masks that reach into the
 # objects, then one of the grown UNet with hard-negative colour edits (estimated 5 h on one CPU thread;
 # assets/TRAINING.md)
-TOY_INPAINT_CONTINUE = --out assets --vae-from assets/toy-sd --unet-from assets/toy-sd --grow-steps 0 \
-	--scenes 6000 --inpaint-examples 6000 --inpaint-resume assets/toy-sd-inpaint --inpaint-lr 2e-4 \
+TOY_CONTINUE = --out assets --vae-from assets/toy-sd --unet-from assets/toy-sd --scenes 6000 --inpaint-examples 6000
+TOY_INPAINT_CONTINUE = $(TOY_CONTINUE) --grow-steps 0 --inpaint-resume assets/toy-sd-inpaint --inpaint-lr 2e-4 \
 	--inpaint-keep-weight 4
 toy-model: $(RUNTIME)
 	$(BIN)/python -m toy.train --out assets --seed 0
 	$(BIN)/python -m toy.train $(TOY_INPAINT_CONTINUE) --seed 0 --inpaint-steps 2996
 	$(BIN)/python -m toy.train $(TOY_INPAINT_CONTINUE) --seed 1 --inpaint-steps 1496 --inpaint-bg-dilate 8
-	$(BIN)/python -m toy.train --out assets --seed 1 --vae-from assets/toy-sd --unet-from assets/toy-sd \
-		--inpaint-from assets/toy-sd-inpaint --scenes 6000 --inpaint-examples 6000 --grow-resume \
+	$(BIN)/python -m toy.train $(TOY_CONTINUE) --seed 1 --inpaint-from assets/toy-sd-inpaint --grow-resume \
 		--grow-steps 1682 --grow-lr 3e-4 --edit-phrases 0.4 --confusable-colours 1.0
 
 clean:

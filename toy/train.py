@@ -178,10 +178,8 @@ def confusable_colour(scene, k: int) -> str:
     Why: on the benchmark a colour edit's mask misses when the new colour word's map goes to the object
     whose colour looks most like it (assets/TRAINING.md); with this colour the look points at the wrong
     object, and only the shape word tells the UNet which one is meant."""
-    used = {o.colour for o in scene.objects} | {scene.background}
     others = [world.COLOURS[o.colour] for i, o in enumerate(scene.objects) if i != k]
-    return min((c for c in world.COLOURS if c not in used),
-               key=lambda c: min(math.dist(world.COLOURS[c], rgb) for rgb in others))
+    return min(world.absent_colours(scene), key=lambda c: min(math.dist(world.COLOURS[c], rgb) for rgb in others))
 
 
 EDIT_GROUNDINGS = ("both", "kept")

@@ -220,10 +220,15 @@ class EditCase:
     attribute: str           # "colour" | "shape" | "background"
 
 
+def absent_colours(scene) -> list[str]:
+    """The colours that nothing in the scene has (objects or background), in COLOURS' order."""
+    used = {o.colour for o in scene.objects} | {scene.background}
+    return [c for c in COLOURS if c not in used]
+
+
 def new_colour(scene, rng) -> str:
     """A colour that nothing in the scene has (objects or background)."""
-    used = {o.colour for o in scene.objects} | {scene.background}
-    return str(rng.choice([c for c in COLOURS if c not in used]))
+    return str(rng.choice(absent_colours(scene)))
 
 
 def edit_object(scene, idx, rng):
