@@ -54,7 +54,7 @@ class _Stub:
 
 def test_a_mask_that_follows_the_shape_word_is_counted_as_steered():
     s = summarise(diagnose(_Stub(follows=True), [_case("a brown triangle")]))
-    assert s["colour_edits"] == 1 and s["misses"] == 0
+    assert s["colour_edits"] == 1 and s["misses"] == 0 and s["target_iou_below_0_1"] == 0
     assert s["swaps_from_hits"] == 2 and s["swaps_from_hits_moved_to_named"] == 2
     assert s["swaps_from_hits_unmoved"] == 0
 
@@ -64,6 +64,7 @@ def test_a_mask_the_shape_word_does_not_move_is_counted_as_a_miss_on_another_obj
     s = summarise(rows)
     assert s["colour_edits"] == 2
     assert s["misses"] == 1 and s["misses_on_another_object"] == 1  # the triangle's edit lands on the circle
+    assert s["target_iou_below_0_1"] == 1  # the objects do not overlap: IoU 0 with the triangle
     assert s["nearer_other_cases"] == 1 and s["misses_when_nearer_other"] == 1 and s["misses_otherwise"] == 0
     # the circle's edit was a hit; naming the triangle or the square leaves it on the circle
     assert s["swaps_from_hits"] == 2 and s["swaps_from_hits_moved_to_named"] == 0 and s["swaps_from_hits_unmoved"] == 2

@@ -8,7 +8,8 @@ the new colour is absent from the scene by construction. This measures, masks on
 
 - where each colour edit's mask lands: the object it overlaps best (IoU with each object's visible
   mask), or nowhere when it overlaps no object by IoU 0.05 or more; a miss lands elsewhere than on the
-  target;
+  target (a mask that covers part of the target and more of another object is a miss); and how many
+  masks have IoU under 0.1 with the target (the target's visible mask is the benchmark's ground truth);
 - the misses split by whether another object's colour is nearer (RGB) the new colour than the
   target's own;
 - steering: for every other object of a different shape, the mask of the same text with that object's
@@ -86,6 +87,7 @@ def summarise(rows: list[dict]) -> dict:
         "colour_edits": len(rows),
         "misses": len(miss),
         "misses_on_another_object": sum(r["lands_on"] is not None for r in miss),
+        "target_iou_below_0_1": sum(r["iou"][r["target"]] < 0.1 for r in rows),  # as bad as a miss can be
         "nearer_other_cases": len(near),
         "misses_when_nearer_other": sum(r["lands_on"] != r["target"] for r in near),
         "misses_otherwise": sum(r["lands_on"] != r["target"] for r in rows if not r["nearer_other"]),
@@ -102,7 +104,8 @@ def summarise(rows: list[dict]) -> dict:
 def report(s: dict) -> str:
     return "\n".join([
         f"colour edits: {s['colour_edits']}; the mask lands elsewhere than on the target in {s['misses']} "
-        f"({s['misses_on_another_object']} on another object, the rest on none)",
+        f"({s['misses_on_another_object']} on another object, the rest on none); IoU with the target under 0.1 in "
+        f"{s['target_iou_below_0_1']}",
         f"misses where another object's colour is nearer the new colour than the target's: "
         f"{s['misses_when_nearer_other']} of {s['nearer_other_cases']}; otherwise "
         f"{s['misses_otherwise']} of {s['colour_edits'] - s['nearer_other_cases']}",
