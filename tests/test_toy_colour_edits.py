@@ -83,7 +83,8 @@ def test_runs_on_the_shipped_model(one_thread, capsys):
     assert "colour edits: " in out and "shape word swapped" in out
 
 
-@pytest.mark.parametrize("argv, word", [(["--n", "0"], "--n 0"), (["--model", "/nonexistent/toy"], "/nonexistent/toy")])
+@pytest.mark.parametrize("argv, word", [(["--n", "0"], "--n 0"), (["--n", "2000000000"], "n=2000000000"),
+                                        (["--model", "/nonexistent/toy"], "/nonexistent/toy")])
 def test_bad_input_is_named_in_the_first_line(argv, word, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

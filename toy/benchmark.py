@@ -53,7 +53,8 @@ def sot_only_mask(word_maps: torch.Tensor, threshold: float) -> torch.Tensor:
     return soft > threshold
 
 
-def _upsample(mask: torch.Tensor, size: int) -> np.ndarray:
+def upsample_mask(mask: torch.Tensor, size: int) -> np.ndarray:
+    """A latent-grid mask (h, w) -> a bool size x size image mask, each cell a block (nearest)."""
     return F.interpolate(mask.float()[None, None], size=(size, size), mode="nearest")[0, 0].cpu().numpy() > 0.5
 
 
@@ -78,11 +79,11 @@ def run_cases(pipe, cases, method: str = "instdiffedit", full: bool = True, gt_m
         else:
             out = pipe.mask(img, case.edit_text, method=method, source=source_text(case), **options)
             row["seconds"] = time.perf_counter() - tic
-            pred, maps, row["unet_evals"] = _upsample(out.mask_latent, pipe.size), out.word_maps, out.unet_evals
+            pred, maps, row["unet_evals"] = upsample_mask(out.mask_latent, pipe.size), out.word_maps, out.unet_evals
         if pred is not None:
             row["iou"] = mask_iou(pred, case.gt_mask)
         if maps is not None and len(maps):  # attention methods: word_maps[0] is the start token's map
-            row["iou_sot_only"] = mask_iou(_upsample(sot_only_mask(maps, threshold), pipe.size),
+            row["iou_sot_only"] = mask_iou(upsample_mask(sot_only_mask(maps, threshold), pipe.size),
                                            case.gt_mask)
         rows.append(row)
     return rows

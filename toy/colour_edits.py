@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from toy.benchmark import upsample_mask
 from toy.world import COLOURS, add_case_arguments, benchmark_cases, check_object_sizes, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +51,7 @@ def nearer_other(scene, target: int, new: str) -> bool:
 
 
 def _mask(pipe, image: Image.Image, text: str, size: int) -> np.ndarray:
-    m = pipe.mask(image, text).mask_latent
-    return F.interpolate(m.float()[None, None], size=(size, size), mode="nearest")[0, 0].cpu().numpy() > 0.5
+    return upsample_mask(pipe.mask(image, text).mask_latent, size)  # as toy.benchmark scores it
 
 
 def diagnose(pipe, cases) -> list[dict]:
@@ -142,7 +141,12 @@ def main(argv=None) -> int:
     except (OSError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = diagnose(pipe, benchmark_cases(args.n, size=pipe.size, seed_set=args.seed_set, object_sizes=sizes))
+    try:
+        cases = benchmark_cases(args.n, size=pipe.size, seed_set=args.seed_set, object_sizes=sizes)
+    except ValueError as e:  # --n too large for the seed set
+        print(f"error: --n: {e}", file=sys.stderr)
+        return 2
+    rows = diagnose(pipe, cases)
     s = summarise(rows)
     print(report(s))
     if args.out:
