@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from evaluation.metrics import mask_iou
 from toy.benchmark import upsample_mask
 from toy.world import COLOURS, add_case_arguments, benchmark_cases, check_object_sizes, render
 
@@ -38,20 +40,19 @@ NOWHERE_IOU = 0.05  # a mask overlapping no object by this IoU lands on none of 
 
 def lands_on(pred: np.ndarray, object_masks: list[np.ndarray]) -> tuple[int | None, list[float]]:
     """-> (index of the object the mask overlaps best by IoU, or None below NOWHERE_IOU; IoU with each)."""
-    ious = [float((pred & m).sum() / max((pred | m).sum(), 1)) for m in object_masks]
+    ious = [mask_iou(pred, m, empty=0.0) for m in object_masks]
     best = int(np.argmax(ious)) if ious else None
     return (best if best is not None and ious[best] >= NOWHERE_IOU else None), ious
 
 
 def nearer_other(scene, target: int, new: str) -> bool:
     """Is some other object's colour nearer (RGB distance) the new colour than the target's own?"""
-    d = [float(np.linalg.norm(np.subtract(COLOURS[o.colour], COLOURS[new], dtype=np.float64)))
-         for o in scene.objects]
+    d = [math.dist(COLOURS[o.colour], COLOURS[new]) for o in scene.objects]  # as toy.train.confusable_colour
     return any(d[j] < d[target] for j in range(len(d)) if j != target)
 
 
-def _mask(pipe, image: Image.Image, text: str, size: int) -> np.ndarray:
-    return upsample_mask(pipe.mask(image, text).mask_latent, size)  # as toy.benchmark scores it
+def _mask(pipe, image: Image.Image, text: str) -> np.ndarray:
+    return upsample_mask(pipe.mask(image, text).mask_latent, pipe.size)  # as toy.benchmark scores it
 
 
 def diagnose(pipe, cases) -> list[dict]:
@@ -64,11 +65,11 @@ def diagnose(pipe, cases) -> list[dict]:
         image = Image.fromarray(src)
         objs, t = c.scene.objects, c.target
         new = c.edit_text.split()[1]  # "a brown triangle" / "an orange ring"
-        where, ious = lands_on(_mask(pipe, image, c.edit_text, pipe.size), masks)
+        where, ious = lands_on(_mask(pipe, image, c.edit_text), masks)
         swaps = []
         for j, o in enumerate(objs):
             if j != t and o.shape != objs[t].shape:
-                w, _ = lands_on(_mask(pipe, image, f"a {new} {o.shape}", pipe.size), masks)
+                w, _ = lands_on(_mask(pipe, image, f"a {new} {o.shape}"), masks)
                 swaps.append({"names": j, "lands_on": w})
         rows.append({"id": c.id, "edit": c.edit_text, "target": t, "lands_on": where, "iou": ious,
                      "nearer_other": nearer_other(c.scene, t, new), "swaps": swaps})
